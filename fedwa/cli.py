@@ -1,0 +1,319 @@
+"""The ``fedwa`` command: run one simulation, compare strategies over seeds, redraw plots.
+
+User errors (bad config, missing data, a run whose clients all failed) print one line and exit
+with status 2 (config) or 1 (run); only a bug prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedwa.config import all_known_keys, core_keys, load_toml, parse_set, resolve_config
+from fedwa.errors import ConfigError, FedwaError
+from fedwa.results import (default_run_name, mean_std, plot_curves, plot_run, read_rounds,
+                           unique_dir)
+
+# Quiet, offline-friendly Flower defaults; a user's own environment wins.
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
+
+
+# --- config gathering -------------------------------------------------------------------------
+
+
+def gather_overrides(config_file: str | None, sets: Sequence[str]) -> dict[str, Any]:
+    """TOML file values, then ``--set`` pairs on top."""
+    overrides: dict[str, Any] = load_toml(config_file) if config_file else {}
+    overrides.update(parse_set(sets))
+    return overrides
+
+
+def for_strategy(overrides: Mapping[str, Any], strategy: str, seed: int | None = None
+                 ) -> dict[str, Any]:
+    """Overrides for one strategy of a comparison: other strategies' keys are dropped."""
+    from fedwa.config import _strategy_keys
+
+    own = set(core_keys()) | set(_strategy_keys(strategy))
+    foreign = set(all_known_keys()) - own
+    picked = {k: v for k, v in overrides.items() if k not in foreign}
+    picked["strategy"] = strategy
+    if seed is not None:
+        picked["seed"] = seed
+    return picked
+
+
+def check_runnable(config: Mapping[str, Any]) -> None:
+    """Everything that can be checked before an engine starts: data files and the partition."""
+    from fedwa.task import federated_data
+
+    federated_data(config)
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+class Progress:
+    """Follows a run's ``metrics.jsonl`` and shows round r/R, accuracy, elapsed time and ETA."""
+
+    def __init__(self, run_dir: Path, num_rounds: int, label: str, enabled: bool) -> None:
+        self.run_dir, self.num_rounds, self.label, self.enabled = run_dir, num_rounds, label, enabled
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.enabled:
+            self.thread.join()
+
+    def _follow(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), TextColumn("eta"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+        with bar:
+            task = bar.add_task(self.label, total=self.num_rounds, acc="starting")
+            seen = 0
+            while True:
+                stopping = self.stop.wait(0.5)
+                rounds = read_rounds(self.run_dir)
+                if len(rounds) != seen and rounds:
+                    seen = len(rounds)
+                    last = rounds[-1]
+                    acc = last.get("accuracy")
+                    text = f"acc {acc:.4f}" if acc is not None else ""
+                    bar.update(task, completed=int(last["round"]), acc=text)
+                if stopping:
+                    break
+
+
+def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = True,
+             label: str | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run one validated config through Flower's simulation engine; return its summary."""
+    for name, value in FLOWER_ENV.items():
+        os.environ.setdefault(name, value)
+    # Imported here so that `fedwa --help` and config errors stay fast.
+    from flwr.simulation import run_simulation
+
+    from fedwa.client_app import app as client_app
+    from fedwa.server_app import build_server_app
+
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("fedwa").setLevel(logging.INFO if verbose else logging.WARNING)
+    cpus = float(config["client-cpus"])
+    backend_config = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": float(config["client-gpus"])},
+        "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus + 0.999)),
+                      "include_dashboard": False, "logging_level": "ERROR"},
+    }
+    with Progress(run_dir, int(config["num-server-rounds"]), label or run_dir.name,
+                  show_progress):
+        run_simulation(server_app=build_server_app(config, run_dir), client_app=client_app,
+                       num_supernodes=int(config["num-clients"]),
+                       backend_config=backend_config, verbose_logging=verbose)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise FedwaError(f"the run stopped before writing {summary_path}; see the log above")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "completed":
+        raise FedwaError(f"run failed: {summary.get('error', 'unknown error')} ({run_dir})")
+    return summary
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = resolve_config(gather_overrides(args.config, args.set))
+    check_runnable(config)
+    run_dir = unique_dir(config["output-dir"], config["run-name"] or default_run_name(config))
+    summary = simulate(config, run_dir, show_progress=not args.quiet, verbose=args.verbose)
+    final = summary["final"]
+    print(f"final accuracy {final['accuracy']:.4f}, balanced {final['balanced_accuracy']:.4f} "
+          f"after {summary['rounds']} rounds ({summary['total_seconds']:.1f}s)")
+    print(f"results: {run_dir}")
+    return 0
+
+
+# --- comparing --------------------------------------------------------------------------------
+
+
+def _fmt(stats: tuple[float, float, int], scale: float = 100.0, digits: int = 2) -> str:
+    mean, std, n = stats
+    if n == 0:
+        return "n/a"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def rounds_to_target(rounds: Sequence[Mapping[str, Any]], target: float) -> int | None:
+    """The first round whose accuracy reaches ``target``, or None."""
+    for r in rounds:
+        if r.get("accuracy") is not None and r["accuracy"] >= target and r["round"] > 0:
+            return int(r["round"])
+    return None
+
+
+def comparison_table(groups: Mapping[str, Sequence[Path]], target: float | None = None
+                     ) -> tuple[str, dict[str, Any]]:
+    """Markdown table (mean ± std over seeds, in %) and the same numbers as a dict."""
+    header = ["strategy", "runs", "final acc", "best acc", "final bal. acc", "few-shot acc"]
+    if target is not None:
+        header.append(f"rounds to {target:.0%}")
+    header += ["MB down+up", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    numbers: dict[str, Any] = {}
+    for label, run_dirs in groups.items():
+        summaries = [json.loads((Path(d) / "summary.json").read_text()) for d in run_dirs]
+        finals = [s["final"] for s in summaries]
+        row = {
+            "final_accuracy": mean_std(f["accuracy"] for f in finals),
+            "best_accuracy": mean_std(s["best"]["accuracy"] for s in summaries),
+            "final_balanced_accuracy": mean_std(f["balanced_accuracy"] for f in finals),
+            "final_few_shot_accuracy": mean_std(f["few_shot_accuracy"] for f in finals),
+            "megabytes": mean_std((s["bytes_down"] + s["bytes_up"]) / 1e6 for s in summaries),
+            "wall_seconds": mean_std(s["total_seconds"] for s in summaries),
+        }
+        cells = [label, str(len(summaries)), _fmt(row["final_accuracy"]),
+                 _fmt(row["best_accuracy"]), _fmt(row["final_balanced_accuracy"]),
+                 _fmt(row["final_few_shot_accuracy"])]
+        if target is not None:
+            reached = [rounds_to_target(read_rounds(d), target) for d in run_dirs]
+            row["rounds_to_target"] = reached
+            hits = [r for r in reached if r is not None]
+            cells.append(f"{sum(hits) / len(hits):.1f} ({len(hits)}/{len(reached)} reached)"
+                         if hits else f"not reached (0/{len(reached)})")
+        cells += [_fmt(row["megabytes"], 1.0, 1), _fmt(row["wall_seconds"], 1.0, 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+        numbers[label] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()}
+        numbers[label]["runs"] = [str(d) for d in run_dirs]
+    return "\n".join(lines) + "\n", numbers
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    overrides = gather_overrides(args.config, args.set)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not strategies:
+        raise ConfigError("--strategies", args.strategies, "a comma-separated list of names")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError("--seeds", args.seeds, "comma-separated whole numbers") from None
+    if not seeds:
+        raise ConfigError("--seeds", args.seeds, "at least one seed")
+    # Validate every run before starting the first, so a typo does not cost an hour.
+    plan = [(s, seed, resolve_config(for_strategy(overrides, s, seed)))
+            for s in strategies for seed in seeds]
+    for _, _, config in plan[:: len(seeds)]:
+        check_runnable(config)
+    out = unique_dir(plan[0][2]["output-dir"], args.name or
+                     time.strftime("compare-%Y%m%d-%H%M%S"))
+    groups: dict[str, list[Path]] = {s: [] for s in strategies}
+    for i, (strategy, seed, config) in enumerate(plan, 1):
+        run_dir = unique_dir(out, f"{strategy.replace(':', '.')}-s{seed}")
+        label = f"[{i}/{len(plan)}] {strategy} seed {seed}"
+        simulate(config, run_dir, show_progress=not args.quiet, label=label,
+                 verbose=args.verbose)
+        groups[strategy].append(run_dir)
+    table, numbers = comparison_table(groups, args.target)
+    (out / "compare.md").write_text(table)
+    (out / "compare.json").write_text(json.dumps(numbers, indent=1))
+    plot_curves(groups, out / "compare_accuracy.png", "accuracy")
+    plot_curves(groups, out / "compare_balanced_accuracy.png", "balanced_accuracy")
+    print(table)
+    print(f"results: {out}")
+    return 0
+
+
+# --- plotting ---------------------------------------------------------------------------------
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not (d / "metrics.jsonl").exists():
+            raise ConfigError("RUN_DIR", str(d), "a run folder holding metrics.jsonl")
+    for d in dirs:
+        print(plot_run(d))
+    if args.out or len(dirs) > 1:
+        out = Path(args.out) if args.out else dirs[0].parent / "overlay_accuracy.png"
+        print(plot_curves({d.name: [d] for d in dirs}, out, args.metric))
+    return 0
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedwa", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one federated simulation")
+    run.add_argument("config", nargs="?", help="TOML file with run-config keys")
+    run.set_defaults(func=cmd_run)
+
+    compare = sub.add_parser("compare", help="run strategies over seeds on the same data")
+    compare.add_argument("config", nargs="?", help="TOML file with run-config keys")
+    compare.add_argument("--strategies", required=True, help="comma-separated, e.g. fedavg,fedprox")
+    compare.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    compare.add_argument("--target", type=float, help="accuracy target for 'rounds to target'")
+    compare.add_argument("--name", help="name of the comparison folder")
+    compare.set_defaults(func=cmd_compare)
+
+    for p in (run, compare):
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a run-config key (repeatable)")
+        p.add_argument("--quiet", action="store_true", help="no progress display")
+        p.add_argument("--verbose", action="store_true", help="show Flower's and fedwa's logs")
+
+    plot = sub.add_parser("plot", help="redraw the plots of finished runs")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", help="also overlay all runs into this PNG")
+    plot.add_argument("--metric", default="accuracy", help="metric of the overlay")
+    plot.set_defaults(func=cmd_plot)
+
+    keys = sub.add_parser("keys", help="list every run-config key with its default")
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    for key in all_known_keys().values():
+        print(f"{key.name:24} {key.default!r:14} {key.help}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"fedwa: error: {err}", file=sys.stderr)
+        return 2
+    except FedwaError as err:
+        print(f"fedwa: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedwa: interrupted; finished rounds are in the run folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The ClientApp: local training on the node's own partition, and local evaluation.
+
+Every message carries the run config the server validated (see :mod:`fedwa.grid`); the node's
+partition comes from its ``node_config`` (``partition-id``, ``num-partitions``), which the
+simulation sets and a SuperNode takes from ``--node-config``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedwa.config import resolve_config
+from fedwa.grid import RUN_CONFIG_KEY
+from fedwa.metrics import evaluate_model
+from fedwa.task import federated_data, local_train_spec, make_model
+from fedwa.training import client_seed, configure_threads, resolve_device, train_local
+
+app = ClientApp()
+
+
+def run_config_of(message: Message, context: Context) -> dict[str, Any]:
+    """The server's resolved config; ``context.run_config`` only when a message lacks it."""
+    if RUN_CONFIG_KEY in message.content.config_records:
+        return dict(message.content[RUN_CONFIG_KEY])
+    return resolve_config(context.run_config)
+
+
+def partition_id_of(context: Context, config: dict[str, Any]) -> int:
+    """This node's partition, checked against the run's number of clients."""
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ValueError("node_config has no 'partition-id': start the SuperNode with "
+                         "--node-config \"partition-id=I num-partitions=N\"")
+    pid = int(node_config["partition-id"])
+    count = int(node_config.get("num-partitions", config["num-clients"]))
+    if count != int(config["num-clients"]) or not 0 <= pid < count:
+        raise ValueError(f"node has partition-id={pid}, num-partitions={count}, but the run has "
+                         f"num-clients={config['num-clients']}")
+    return pid
+
+
+def _local_data(message: Message, context: Context):  # noqa: ANN202
+    config = run_config_of(message, context)
+    device = resolve_device(str(config["device"]))
+    configure_threads(device)
+    pid = partition_id_of(context, config)
+    data = federated_data(config)
+    return config, device, pid, data
+
+
+def _load_model(config: dict[str, Any], data, arrays: ArrayRecord) -> torch.nn.Module:  # noqa: ANN001
+    model = make_model(config, data)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received model on this node's partition; reply with weights and metrics."""
+    started = time.perf_counter()
+    config, device, pid, data = _local_data(message, context)
+    round_config = dict(message.content["config"]) if "config" in message.content else {}
+    model = _load_model(config, data, message.content["arrays"])
+    x, y = data.client_data(pid)
+    server_round = int(round_config.get("server-round", 1))
+    stats = train_local(model, x, y, local_train_spec(config, round_config),
+                        seed=client_seed(int(config["seed"]), server_round, pid), device=device)
+    model.to("cpu")
+    metrics = MetricRecord({
+        "num-examples": len(x),
+        "partition-id": pid,
+        "train-loss": stats["loss"],
+        "train-steps": stats["steps"],
+        "train-seconds": stats["seconds"],
+        "seconds": time.perf_counter() - started,
+    })
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
+                   reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the received model on this node's own training partition.
+
+    Nodes hold no test split of their own in simulation; this reports how well the model fits
+    each client's local distribution.
+    """
+    config, device, pid, data = _local_data(message, context)
+    model = _load_model(config, data, message.content["arrays"])
+    x, y = data.client_data(pid)
+    report = evaluate_model(model, x, y, num_classes=data.num_classes,
+                            train_class_counts=data.train_class_counts,
+                            batch_size=int(config["eval-batch-size"]), device=device)
+    metrics = MetricRecord({"num-examples": len(x), "local-accuracy": report["accuracy"],
+                            "local-balanced-accuracy": report["balanced_accuracy"],
+                            "local-loss": report["loss"]})
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Handshake: tell the server this node's partition and what it holds."""
+    config, _, pid, data = _local_data(message, context)
+    _, y = data.client_data(pid)
+    counts = torch.bincount(y, minlength=data.num_classes).tolist()
+    info = MetricRecord({"partition-id": pid, "num-examples": len(y), "class-counts": counts})
+    return Message(RecordDict({"info": info}), reply_to=message)

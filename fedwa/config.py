@@ -1,0 +1,286 @@
+"""The run config: one flat namespace of keys, shared by `flwr run`, TOML files and `--set`.
+
+A key is declared once, with its default, its type and what values it allows. Strategies declare
+their own keys the same way (``config_keys`` on the strategy class), so the README table, the
+validation and the defaults all come from one place.
+
+Validation happens once, before any engine starts, and every error names the key, the value and
+what is allowed (:class:`fedwa.errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedwa.errors import ConfigError
+
+Scalar = str | int | float | bool
+Check = Callable[[Any], str | None]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key.
+
+    Parameters
+    ----------
+    name : str
+        The key as users write it (kebab-case).
+    default : str | int | float | bool
+        The default; its type is the key's type (an int is accepted where a float is expected).
+    help : str
+        One line for the README table.
+    choices : tuple of str, optional
+        The allowed values of a string key.
+    check : callable, optional
+        Returns ``None`` when the value is fine, else a phrase saying what is allowed.
+    """
+
+    name: str
+    default: Scalar
+    help: str
+    choices: tuple[str, ...] | None = None
+    check: Check | None = None
+
+    def coerce(self, value: Any) -> Scalar:
+        """Return ``value`` as this key's type, or raise :class:`ConfigError`."""
+        kind = type(self.default)
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ConfigError(self.name, value, "true or false")
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ConfigError(self.name, value, "a whole number")
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(self.name, value, "a whole number") from None
+            if not number.is_integer():
+                raise ConfigError(self.name, value, "a whole number")
+            return int(number)
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ConfigError(self.name, value, "a number")
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(self.name, value, "a number") from None
+            if not math.isfinite(number):
+                raise ConfigError(self.name, value, "a finite number")
+            return number
+        if not isinstance(value, str):
+            raise ConfigError(self.name, value, "a string")
+        return value
+
+    def validate(self, value: Any) -> Scalar:
+        """Coerce and check ``value``; return it or raise :class:`ConfigError`."""
+        value = self.coerce(value)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(self.name, value, "one of " + ", ".join(self.choices))
+        if self.check is not None:
+            problem = self.check(value)
+            if problem is not None:
+                raise ConfigError(self.name, value, problem)
+        return value
+
+
+# --- reusable checks -------------------------------------------------------------------------
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "a number > 0"
+
+
+def at_least(low: float) -> Check:
+    return lambda value: None if value >= low else f"a number >= {low:g}"
+
+
+def unit_fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "a fraction in (0, 1]"
+
+
+def half_open_fraction(value: float) -> str | None:
+    return None if 0 <= value < 1 else "a fraction in [0, 1)"
+
+
+def closed_fraction(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "a fraction in [0, 1]"
+
+
+# --- the core keys ----------------------------------------------------------------------------
+
+# Names are listed here rather than imported, so reading the config never imports torch.
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
+MODELS = ("mlp", "cnn", "resnet20", "resnet32")
+PARTITIONS = ("iid", "dirichlet", "shards", "replicas")
+
+CORE_KEYS: tuple[Key, ...] = (
+    Key("dataset", "digits", "Dataset.", choices=DATASETS),
+    Key("data-root", "", "Folder with the dataset files ('' = built-in search paths only)."),
+    Key("download", False, "Let torchvision download a missing dataset (needs the network)."),
+    Key("model", "cnn", "Model architecture.", choices=MODELS),
+    Key("model-width", 1, "Width multiplier of the model.", check=at_least(1)),
+    Key("strategy", "fedavg", "Strategy: a registered name or `module:Class`."),
+    Key("seed", 0, "Seed of init, long tail, partition, sampling and shuffles.", check=at_least(0)),
+    Key("output-dir", "runs", "Folder that receives one sub-folder per run."),
+    Key("run-name", "", "Name of the run's folder ('' = strategy-dataset-seed-time)."),
+    Key("num-clients", 10, "Number of clients (SuperNodes).", check=at_least(1)),
+    Key("num-server-rounds", 10, "Number of server rounds.", check=at_least(1)),
+    Key("fraction-train", 1.0, "Fraction of clients sampled per round.", check=unit_fraction),
+    Key("fraction-evaluate", 0.0, "Fraction of clients that also evaluate on local data.",
+        check=closed_fraction),
+    Key("partition", "dirichlet", "How training data is split over clients.", choices=PARTITIONS),
+    Key("dirichlet-alpha", 0.5, "Concentration of the Dirichlet partition.", check=positive),
+    Key("shards-per-client", 2, "Label shards per client (`shards` partition).", check=at_least(1)),
+    Key("imbalance-ratio", 10.0, "Long-tail ratio rho = n_max / n_min (1 = balanced).",
+        check=at_least(1)),
+    Key("imbalance-type", "exp", "Long-tail profile.", choices=("exp", "step")),
+    Key("server-val-fraction", 0.0, "Stratified fraction of training data held by the server.",
+        check=half_open_fraction),
+    Key("local-epochs", 1, "Local epochs per round (ignored when local-steps > 0).",
+        check=at_least(1)),
+    Key("local-steps", 0, "Local SGD steps per round (0 = use local-epochs).", check=at_least(0)),
+    Key("batch-size", 32, "Local minibatch size.", check=at_least(1)),
+    Key("lr", 0.05, "Client learning rate.", check=positive),
+    Key("lr-schedule", "constant", "Client lr over server rounds.", choices=("constant", "cosine")),
+    Key("momentum", 0.9, "SGD momentum.", check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
+    Key("weight-decay", 5e-4, "SGD weight decay.", check=at_least(0)),
+    Key("device", "auto", "Where clients train: cuda when there is one (auto).",
+        choices=("auto", "cpu", "cuda")),
+    Key("client-cpus", 1.0, "CPUs per client, handed to the simulation backend.", check=positive),
+    Key("client-gpus", 0.0, "GPUs per client (fractions share a card).", check=at_least(0)),
+    Key("eval-batch-size", 1024, "Batch size of evaluation.", check=at_least(1)),
+    Key("shot-split", "thirds", "Many/medium/few-shot groups: class thirds by training count, "
+        "or absolute thresholds.", choices=("thirds", "absolute")),
+    Key("many-shot-min", 100, "`absolute` split: many-shot classes have more examples.",
+        check=at_least(0)),
+    Key("few-shot-max", 20, "`absolute` split: few-shot classes have fewer examples.",
+        check=at_least(0)),
+)
+
+
+def core_keys() -> dict[str, Key]:
+    return {key.name: key for key in CORE_KEYS}
+
+
+def _strategy_keys(strategy: str) -> dict[str, Key]:
+    # Imported here: the registry imports Flower, which the TOML parsing below does not need.
+    from strategies import resolve_strategy_class
+
+    cls = resolve_strategy_class(strategy)
+    return {key.name: key for key in getattr(cls, "config_keys", ())}
+
+
+def all_known_keys() -> dict[str, Key]:
+    """Every key of the core and of every registered strategy (for docs and suggestions)."""
+    from strategies import REGISTRY
+
+    keys = core_keys()
+    for cls in REGISTRY.values():
+        keys.update({key.name: key for key in getattr(cls, "config_keys", ())})
+    return keys
+
+
+def resolve_config(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
+    """Fill in defaults, coerce types and validate every key.
+
+    Parameters
+    ----------
+    overrides : mapping
+        User values, e.g. ``context.run_config`` or a parsed TOML file plus ``--set`` pairs.
+
+    Returns
+    -------
+    dict
+        Every core key and every key of the chosen strategy, validated.
+
+    Raises
+    ------
+    ConfigError
+        On the first bad key: unknown, of the wrong type or out of range.
+    """
+    keys = core_keys()
+    strategy = keys["strategy"].validate(overrides.get("strategy", keys["strategy"].default))
+    keys.update(_strategy_keys(str(strategy)))
+    unknown = [name for name in overrides if name not in keys]
+    if unknown:
+        name = unknown[0]
+        everything = set(keys) | set(all_known_keys())
+        close = difflib.get_close_matches(name, sorted(everything), n=1)
+        if name in everything:
+            hint = f"a key of the chosen strategy '{strategy}' ({name} belongs to another one)"
+        else:
+            hint = "a known key" + (f" (did you mean '{close[0]}'?)" if close else "")
+        raise ConfigError(name, overrides[name], hint)
+    config = {name: key.validate(overrides.get(name, key.default)) for name, key in keys.items()}
+    _check_together(config)
+    return config
+
+
+def _check_together(config: Mapping[str, Scalar]) -> None:
+    """Checks that involve more than one key."""
+    if config["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "cuda", "auto or cpu: torch sees no CUDA device here")
+    if config["few-shot-max"] > config["many-shot-min"]:
+        raise ConfigError("few-shot-max", config["few-shot-max"],
+                          f"at most many-shot-min ({config['many-shot-min']})")
+
+
+# --- reading user input -----------------------------------------------------------------------
+
+
+def parse_set(pairs: Iterable[str]) -> dict[str, Scalar]:
+    """Parse ``--set key=value`` pairs; values are TOML literals, bare words are strings."""
+    values: dict[str, Scalar] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name:
+            raise ConfigError("--set", pair, "key=value, e.g. --set lr=0.1")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            # A bare word (strategy=fedavg) is a string; anything with quotes must parse.
+            if any(c in text for c in "\"'[]{}") or not text:
+                raise ConfigError("--set", pair, "key=value where value is a number, "
+                                  "true/false or a string") from None
+            value = text
+        if isinstance(value, (list, dict)) or hasattr(value, "isoformat"):
+            raise ConfigError(name, text, "a single number, true/false or string")
+        values[name] = value
+    return values
+
+
+def load_toml(path: str | Path) -> dict[str, Scalar]:
+    """Read a run config from TOML: a flat table, or a pyproject's ``[tool.flwr.app.config]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("CONFIG", str(path), "an existing TOML file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("CONFIG", str(path), f"valid TOML ({err})") from None
+    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if table is None:
+        table = data.get("config", data)
+    nested = [name for name, value in table.items() if isinstance(value, (dict, list))]
+    if nested:
+        raise ConfigError(nested[0], table[nested[0]], "a single value: the run config is flat")
+    return dict(table)
+
+
+def to_record(config: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """The config as a dict a Flower ``ConfigRecord`` accepts (all scalars already)."""
+    return dict(config)

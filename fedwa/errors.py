@@ -1,0 +1,28 @@
+"""Errors that are the user's to fix: the CLI prints them as one line, without a traceback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FedwaError(Exception):
+    """Base class for errors caused by input (config, data, files), not by a bug."""
+
+
+class ConfigError(FedwaError):
+    """A run-config key holds a value that is not allowed.
+
+    The message always names the key, the value and what is allowed.
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config key '{key}' = {value!r} is not allowed: {allowed}")
+
+
+class DataNotFoundError(FedwaError):
+    """A dataset's files are not where fedwa looked; the message says how to get them."""
+
+
+class AllClientsFailedError(FedwaError):
+    """Every client of a round failed or sent an unusable reply; the run cannot go on."""

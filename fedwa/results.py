@@ -1,0 +1,203 @@
+"""A run's output folder: resolved config, partition summary, per-round metrics, summary, plots.
+
+Layout of ``<output-dir>/<run-name>/``::
+
+    config.json       the resolved run config (every key, defaults filled in)
+    partition.json    class counts of the training pool, of each client, of the test set
+    metrics.jsonl     one JSON object per round (round 0 is the initial model)
+    summary.json      status, final and best-round values, totals
+    accuracy.png      accuracy curves
+
+Files are written whole and renamed into place, so a reader never sees half a file; an existing
+folder is never reused, so nothing a user ran before is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+SCALAR_KEYS = ("accuracy", "balanced_accuracy", "many_shot_accuracy", "medium_shot_accuracy",
+               "few_shot_accuracy", "loss")
+
+
+def unique_dir(parent: str | Path, name: str) -> Path:
+    """Create ``parent/name``, or ``name-2``, ``name-3``... if it exists; return it."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        path = parent / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder name under {parent}")
+
+
+def default_run_name(config: Mapping[str, Any]) -> str:
+    strategy = str(config["strategy"]).replace(":", ".").replace("/", ".")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{strategy}-{config['dataset']}-s{config['seed']}-{stamp}"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (write a temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    """JSON cannot hold NaN: non-finite floats become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class ResultsWriter:
+    """Writes one run's folder as the run goes."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.started = time.time()
+
+    def write(self, name: str, obj: Any) -> None:
+        write_json(self.run_dir / name, _clean(obj))
+
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(_clean(dict(record)), allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, status: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write ``summary.json`` (and the plot when there are rounds); return the summary."""
+        rounds = read_rounds(self.run_dir)
+        summary = summarise(rounds)
+        summary.update({"status": status, "total_seconds": time.time() - self.started})
+        summary.update(extra or {})
+        self.write("summary.json", summary)
+        if rounds:
+            plot_run(self.run_dir)
+        return summary
+
+
+def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-round records of a run (a torn last line from a killed run is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rounds = []
+    for line in path.read_text().splitlines():
+        try:
+            rounds.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rounds
+
+
+def summarise(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Final and best-round values of a run's records."""
+    if not rounds:
+        return {"rounds": 0}
+    final = rounds[-1]
+    scored = [r for r in rounds if r.get("accuracy") is not None]
+    best = max(scored, key=lambda r: r["accuracy"]) if scored else final
+    return {
+        "rounds": int(final["round"]),
+        "final": {k: final.get(k) for k in SCALAR_KEYS},
+        "final_per_class_accuracy": final.get("per_class_accuracy"),
+        "best": {"round": best["round"], **{k: best.get(k) for k in SCALAR_KEYS}},
+        "bytes_down": sum(int(r.get("bytes_down", 0)) for r in rounds),
+        "bytes_up": sum(int(r.get("bytes_up", 0)) for r in rounds),
+        "train_seconds": sum(float(r.get("seconds", 0.0)) for r in rounds),
+    }
+
+
+def _pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw a run's accuracy curves (overall, balanced, and per shot group) to a PNG."""
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    rounds = read_rounds(run_dir)
+    if not rounds:
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl with rounds")
+    x = [r["round"] for r in rounds]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")):
+        left.plot(x, [r.get(key) for r in rounds], marker=".", label=label)
+    for group in ("many", "medium", "few"):
+        right.plot(x, [r.get(f"{group}_shot_accuracy") for r in rounds], marker=".",
+                   label=f"{group}-shot")
+    title = run_dir.name
+    for ax, name in ((left, "overall"), (right, "by training-class frequency")):
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "accuracy.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean and sample standard deviation of the values that are not None."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return math.nan, math.nan, 0
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+    return mean, math.sqrt(var), len(vals)
+
+
+def plot_curves(groups: Mapping[str, Sequence[str | Path]], out: str | Path,
+                key: str = "accuracy") -> Path:
+    """Overlay the mean (band: ± one std over seeds) of ``key`` per round for each label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, run_dirs in groups.items():
+        runs = [read_rounds(d) for d in run_dirs]
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        length = min(len(r) for r in runs)
+        xs = [runs[0][i]["round"] for i in range(length)]
+        stats = [mean_std(r[i].get(key) for r in runs) for i in range(length)]
+        means = [s[0] for s in stats]
+        stds = [s[1] for s in stats]
+        ax.plot(xs, means, marker=".", label=f"{label} (n={len(runs)})")
+        ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
+                        [m + s for m, s in zip(means, stds)], alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"test {key.replace('_', ' ')}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,61 @@
+"""From a resolved run config to the things a run is made of: data, model, local-training spec.
+
+The ServerApp and the ClientApp both call these, so both sides build the same partition and the
+same initial model from the same config and seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from fedwa.data import FederatedData, build_federated_data
+from fedwa.models import build_model
+from fedwa.training import LocalTrainSpec, round_lr
+
+
+def federated_data(config: Mapping[str, Any]) -> FederatedData:
+    """The run's data: long-tailed training pool, client partitions, server split, test set."""
+    return build_federated_data(
+        dataset=str(config["dataset"]),
+        data_root=str(config["data-root"]) or None,
+        seed=int(config["seed"]),
+        num_clients=int(config["num-clients"]),
+        partition=str(config["partition"]),
+        dirichlet_alpha=float(config["dirichlet-alpha"]),
+        shards_per_client=int(config["shards-per-client"]),
+        imbalance_ratio=float(config["imbalance-ratio"]),
+        imbalance_type=str(config["imbalance-type"]),
+        server_val_fraction=float(config["server-val-fraction"]),
+        download=bool(config["download"]),
+    )
+
+
+def make_model(config: Mapping[str, Any], data: FederatedData) -> nn.Module:
+    """The run's model, initialised from the run seed (the shared initialisation)."""
+    return build_model(str(config["model"]), data.input_shape, data.num_classes,
+                       seed=int(config["seed"]), width=int(config["model-width"]))
+
+
+def local_train_spec(config: Mapping[str, Any], round_config: Mapping[str, Any]) -> LocalTrainSpec:
+    """Local training of one round: run config, overridden by what the strategy sent.
+
+    The learning rate follows the global round (``lr-schedule``) unless the strategy sends
+    ``lr`` itself; FedProx's ``proximal-mu`` arrives the same way.
+    """
+    server_round = int(round_config.get("server-round", 1))
+    lr = round_config.get("lr")
+    if lr is None:
+        lr = round_lr(float(config["lr"]), str(config["lr-schedule"]), server_round,
+                      int(config["num-server-rounds"]))
+    return LocalTrainSpec(
+        epochs=int(round_config.get("local-epochs", config["local-epochs"])),
+        steps=int(round_config.get("local-steps", config["local-steps"])),
+        batch_size=int(config["batch-size"]),
+        lr=float(lr),
+        momentum=float(config["momentum"]),
+        weight_decay=float(config["weight-decay"]),
+        proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+    )

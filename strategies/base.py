@@ -1,0 +1,187 @@
+"""What every fedwa strategy shares: building from the run config, guarding against bad replies,
+seeded client sampling, and a hook that names the models to evaluate.
+
+:class:`FedwaStrategy` is a mixin placed before a Flower strategy class::
+
+    class FedAvgM(FedwaStrategy, flwr.serverapp.strategy.FedAvgM): ...
+
+so Flower's own algorithms keep their math while gaining fedwa's guarantees.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from fedwa.config import Key
+from fedwa.errors import AllClientsFailedError
+
+log = logging.getLogger("fedwa")
+
+
+def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
+    """Why a training reply cannot be aggregated, or ``None`` when it can."""
+    if reply.has_error():
+        reason = reply.error.reason.strip().splitlines()
+        return f"client error: {reason[-1] if reason else 'no reason given'}"
+    content = reply.content
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        return "reply lacks 'arrays' or 'metrics'"
+    examples = content["metrics"].get("num-examples")
+    if not isinstance(examples, (int, float)) or not examples > 0:
+        return f"num-examples is {examples!r}, expected a number > 0"
+    arrays = content["arrays"]
+    if expected is not None:
+        if list(arrays.keys()) != list(expected.keys()):
+            return "its arrays have other names than the model sent"
+        for name, array in arrays.items():
+            if tuple(array.shape) != tuple(expected[name].shape):
+                return (f"array '{name}' has shape {tuple(array.shape)}, expected "
+                        f"{tuple(expected[name].shape)}")
+    for name, array in arrays.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"array '{name}' holds NaN or inf"
+    return None
+
+
+def match_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """Cast each array back to the dtype of the model that was sent.
+
+    Numpy-based aggregation turns float32 into float64 and integer counters into floats.
+    """
+    out = {}
+    for name, array in arrays.items():
+        values = array.numpy()
+        dtype = like[name].numpy().dtype if name in like else values.dtype
+        if values.dtype != dtype:
+            values = np.rint(values) if np.issubdtype(dtype, np.integer) else values
+            values = values.astype(dtype)
+        out[name] = Array(values.copy(order="C"))  # ascontiguousarray makes 0-d 1-d
+    return ArrayRecord(out)
+
+
+class FedwaStrategy:
+    """Mixin that makes a Flower strategy a fedwa strategy.
+
+    Subclasses declare ``config_keys`` (their own run-config keys) and map them to constructor
+    arguments in :meth:`kwargs_from_config`. The guarantees:
+
+    - a reply that is an error, has the wrong names or shapes, or holds NaN/inf is logged with
+      its node id and left out; the round goes on with the others;
+    - when no reply is usable, :class:`AllClientsFailedError` stops the run (Flower's FedAvg
+      would quietly keep the old model);
+    - client sampling is seeded by run seed and round;
+    - the aggregate keeps the dtypes of the model that was sent.
+    """
+
+    config_keys: ClassVar[tuple[Key, ...]] = ()
+
+    def __init__(self, *args: Any, seed: int = 0,
+                 run_config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.run_config = dict(run_config or {})
+        self.sent_arrays: ArrayRecord | None = None
+        self.last_failures: list[tuple[int, str]] = []
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FedwaStrategy:
+        """Build the strategy from a resolved run config."""
+        fraction_evaluate = float(config["fraction-evaluate"])
+        return cls(
+            fraction_train=float(config["fraction-train"]),
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=1,
+            min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
+            # Wait until every client is connected: in simulation they all are at once.
+            min_available_nodes=int(config["num-clients"]),
+            seed=int(config["seed"]),
+            run_config=config,
+            **cls.kwargs_from_config(config),
+        )
+
+    @classmethod
+    def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments taken from the strategy's own keys."""
+        return {}
+
+    # --- Flower hooks -------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Any) -> Iterable[Message]:
+        self.sent_arrays = arrays
+        # Flower samples with the `random` module over grid.get_node_ids(); FedwaGrid lists
+        # nodes in partition order, so seeding here fixes which clients train.
+        random.seed(f"fedwa-train-{self.seed}-{server_round}")
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Any) -> Iterable[Message]:
+        random.seed(f"fedwa-evaluate-{self.seed}-{server_round}")
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        usable = self.screen_replies(server_round, replies)
+        arrays = self.aggregate_replies(server_round, usable)
+        if arrays is not None and self.sent_arrays is not None:
+            arrays = match_dtypes(arrays, self.sent_arrays)
+        return arrays, train_metrics(usable)
+
+    # --- fedwa hooks --------------------------------------------------------------------------
+
+    def screen_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Drop unusable replies (logged with node ids); raise if none is left."""
+        replies = list(replies)
+        usable, self.last_failures = [], []
+        for reply in replies:
+            problem = reply_problem(reply, self.sent_arrays)
+            if problem is None:
+                usable.append(reply)
+            else:
+                node = reply.metadata.src_node_id
+                self.last_failures.append((node, problem))
+                log.warning("round %d: node %d left out: %s", server_round, node, problem)
+        if not usable:
+            detail = "; ".join(f"node {n}: {p}" for n, p in self.last_failures[:3])
+            raise AllClientsFailedError(
+                f"round {server_round}: none of the {len(replies)} sampled clients returned a "
+                f"usable model ({detail or 'no replies'})")
+        # Sort by partition so floating-point sums run in the same order in every run.
+        usable.sort(key=lambda r: (r.content["metrics"].get("partition-id", 0),
+                                   r.metadata.src_node_id))
+        return usable
+
+    def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+        """Turn usable replies into the new global arrays (default: the Flower parent's math)."""
+        arrays, _ = super().aggregate_train(server_round, replies)
+        return arrays
+
+    def models_to_evaluate(self, server_round: int, arrays: ArrayRecord
+                           ) -> dict[str, ArrayRecord]:
+        """Models the server evaluates after a round; the first is the run's main model.
+
+        Strategies that report an averaged model beside the training model (SWA, EMA, HWA)
+        return both, e.g. ``{"swa": ..., "global": arrays}``.
+        """
+        return {"global": arrays}
+
+
+def train_metrics(replies: list[Message]) -> MetricRecord:
+    """Example-weighted train loss and totals of the usable replies (ids are not averaged)."""
+    examples = [float(r.content["metrics"]["num-examples"]) for r in replies]
+    losses = [float(r.content["metrics"].get("train-loss", float("nan"))) for r in replies]
+    total = sum(examples)
+    return MetricRecord({
+        "train-loss": sum(l * n for l, n in zip(losses, examples)) / total,
+        "num-examples": int(total),
+        "num-clients": len(replies),
+    })
