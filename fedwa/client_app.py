@@ -27,7 +27,7 @@ def run_config_of(message: Message, context: Context) -> dict[str, Any]:
     """The server's resolved config; ``context.run_config`` only when a message lacks it."""
     if RUN_CONFIG_KEY in message.content.config_records:
         return dict(message.content[RUN_CONFIG_KEY])
-    return resolve_config(context.run_config)
+    return resolve_config(context.run_config, other_strategy_keys="drop")
 
 
 def partition_id_of(context: Context, config: dict[str, Any]) -> int:

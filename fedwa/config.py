@@ -77,6 +77,8 @@ class Key:
             if not math.isfinite(number):
                 raise ConfigError(self.name, value, "a finite number")
             return number
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `--set run-name=2024` parses as a number; the user meant text
         if not isinstance(value, str):
             raise ConfigError(self.name, value, "a string")
         return value
@@ -190,13 +192,17 @@ def all_known_keys() -> dict[str, Key]:
     return keys
 
 
-def resolve_config(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
+def resolve_config(overrides: Mapping[str, Any], *, other_strategy_keys: str = "error"
+                   ) -> dict[str, Scalar]:
     """Fill in defaults, coerce types and validate every key.
 
     Parameters
     ----------
     overrides : mapping
         User values, e.g. ``context.run_config`` or a parsed TOML file plus ``--set`` pairs.
+    other_strategy_keys : {"error", "drop"}
+        What to do with keys that belong to a strategy other than the chosen one. ``drop`` is
+        for ``flwr run``, whose run config always holds every key of pyproject.toml.
 
     Returns
     -------
@@ -211,6 +217,9 @@ def resolve_config(overrides: Mapping[str, Any]) -> dict[str, Scalar]:
     keys = core_keys()
     strategy = keys["strategy"].validate(overrides.get("strategy", keys["strategy"].default))
     keys.update(_strategy_keys(str(strategy)))
+    if other_strategy_keys == "drop":
+        overrides = {k: v for k, v in overrides.items()
+                     if k in keys or k not in all_known_keys()}
     unknown = [name for name in overrides if name not in keys]
     if unknown:
         name = unknown[0]
@@ -272,9 +281,11 @@ def load_toml(path: str | Path) -> dict[str, Scalar]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError("CONFIG", str(path), f"valid TOML ({err})") from None
-    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
-    if table is None:
-        table = data.get("config", data)
+    table: Any = data
+    for part in ("tool", "flwr", "app", "config"):
+        table = table.get(part) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        table = data.get("config") if isinstance(data.get("config"), dict) else data
     nested = [name for name, value in table.items() if isinstance(value, (dict, list))]
     if nested:
         raise ConfigError(nested[0], table[nested[0]], "a single value: the run config is flat")

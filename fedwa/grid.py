@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedwa.errors import FedwaError
+
 log = logging.getLogger("fedwa")
 
 RUN_CONFIG_KEY = "fedwa-run-config"
@@ -128,12 +130,18 @@ class FedwaGrid(Grid):
                     MessageType.QUERY, group_id="handshake")
             for node in node_ids
         ]
+        failures = []
         for reply in self.inner.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %d did not answer the handshake: %s", node,
-                            reply.error.reason.strip().splitlines()[-1])
+                reason = reply.error.reason.strip().splitlines()
+                failures.append(f"node {node}: {reason[-1] if reason else 'no reason'}")
                 continue
             info = dict(reply.content["info"])
             self.partition_of[node] = int(info["partition-id"])
             self.node_info[node] = info
+        if failures:
+            # A node that cannot even load its partition is misconfigured; waiting for it would
+            # hang the run, so stop with the node's own reason.
+            raise FedwaError(f"{len(failures)} of {len(node_ids)} nodes cannot take part: "
+                             + "; ".join(failures[:3]))

@@ -33,7 +33,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: the config comes from pyproject plus ``--run-config``."""
-    run_federation(grid, resolve_config(context.run_config))
+    run_federation(grid, resolve_config(context.run_config, other_strategy_keys="drop"))
 
 
 def build_server_app(config: Mapping[str, Any], run_dir: str | Path | None = None) -> ServerApp:

@@ -66,6 +66,8 @@ def batch_order(num_examples: int, batch_size: int, spec: LocalTrainSpec,
 
     A trailing batch of one example is dropped: BatchNorm cannot train on a single example.
     """
+    if num_examples == 0:
+        return []
     batches: list[torch.Tensor] = []
     wanted = spec.steps if spec.steps > 0 else None
     epochs = 0
@@ -73,7 +75,7 @@ def batch_order(num_examples: int, batch_size: int, spec: LocalTrainSpec,
         perm = torch.randperm(num_examples, generator=generator)
         for start in range(0, num_examples, batch_size):
             idx = perm[start:start + batch_size]
-            if len(idx) < 2 and num_examples > 1:
+            if len(idx) < 2 and batch_size > 1 and num_examples > 1:
                 continue
             batches.append(idx)
             if wanted is not None and len(batches) == wanted:

@@ -37,8 +37,10 @@ def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
         return f"num-examples is {examples!r}, expected a number > 0"
     arrays = content["arrays"]
     if expected is not None:
-        if list(arrays.keys()) != list(expected.keys()):
-            return "its arrays have other names than the model sent"
+        if set(arrays.keys()) != set(expected.keys()):
+            missing = sorted(set(expected.keys()) - set(arrays.keys()))[:3]
+            extra = sorted(set(arrays.keys()) - set(expected.keys()))[:3]
+            return f"its array names differ from the model sent (missing {missing}, extra {extra})"
         for name, array in arrays.items():
             if tuple(array.shape) != tuple(expected[name].shape):
                 return (f"array '{name}' has shape {tuple(array.shape)}, expected "
@@ -60,9 +62,10 @@ def match_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
         values = array.numpy()
         dtype = like[name].numpy().dtype if name in like else values.dtype
         if values.dtype != dtype:
-            values = np.rint(values) if np.issubdtype(dtype, np.integer) else values
-            values = values.astype(dtype)
-        out[name] = Array(values.copy(order="C"))  # ascontiguousarray makes 0-d 1-d
+            if np.issubdtype(dtype, np.integer):
+                values = np.rint(values)
+            values = np.asarray(values).astype(dtype)  # rint of a 0-d array is a scalar
+        out[name] = Array(np.array(values, order="C", copy=True))  # keeps 0-d arrays 0-d
     return ArrayRecord(out)
 
 
