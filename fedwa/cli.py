@@ -58,9 +58,13 @@ def for_strategy(overrides: Mapping[str, Any], strategy: str, seed: int | None =
 
 def check_runnable(config: Mapping[str, Any]) -> None:
     """Everything that can be checked before an engine starts: data files and the partition."""
+    from fedwa.errors import DataNotFoundError
     from fedwa.task import federated_data
 
-    federated_data(config)
+    try:
+        federated_data(config)
+    except DataNotFoundError as err:
+        raise ConfigError("data-root", config["data-root"], str(err)) from None
 
 
 # --- running ----------------------------------------------------------------------------------

@@ -118,7 +118,9 @@ class CentralEvaluator:
             extra = self.evaluate(other)
             record.update({f"{name}_{k}": extra[k] for k in
                            ("accuracy", "balanced_accuracy", "few_shot_accuracy", "loss")})
-        train = [r.content["metrics"] for r in traffic.replies if not r.has_error()]
+        # Replies arrive in any order; sum in partition order so the float result is the same.
+        train = sorted((r.content["metrics"] for r in traffic.replies if not r.has_error()),
+                       key=lambda m: float(m.get("partition-id", 0)))
         examples = sum(float(m.get("num-examples", 0)) for m in train)
         failures = getattr(self.strategy, "last_failures", None)
         failed = len(failures) if failures is not None else len(traffic.replies) - len(train)
