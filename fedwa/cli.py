@@ -123,7 +123,9 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
     from fedwa.client_app import app as client_app
     from fedwa.server_app import build_server_app
 
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    # Flower logs a failed ServerApp with a traceback; fedwa reports it as one line instead
+    # (and a genuine bug still raises with its traceback).
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.CRITICAL)
     logging.getLogger("fedwa").setLevel(logging.INFO if verbose else logging.WARNING)
     cpus = float(config["client-cpus"])
     backend_config = {
