@@ -61,10 +61,13 @@ def check_runnable(config: Mapping[str, Any]) -> None:
     from fedwa.errors import DataNotFoundError
     from fedwa.task import federated_data
 
+    from strategies import build_strategy
+
     try:
         federated_data(config)
     except DataNotFoundError as err:
         raise ConfigError("data-root", config["data-root"], str(err)) from None
+    build_strategy(config)  # a strategy may check keys against each other (IMWA's budget)
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -133,8 +136,11 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
         "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus + 0.999)),
                       "include_dashboard": False, "logging_level": "ERROR"},
     }
-    with Progress(run_dir, int(config["num-server-rounds"]), label or run_dir.name,
-                  show_progress):
+    from fedwa.server_app import total_rounds
+    from strategies import build_strategy
+
+    rounds = total_rounds(build_strategy(config), config)
+    with Progress(run_dir, rounds, label or run_dir.name, show_progress):
         run_simulation(server_app=build_server_app(config, run_dir), client_app=client_app,
                        num_supernodes=int(config["num-clients"]),
                        backend_config=backend_config, verbose_logging=verbose)
@@ -296,13 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=cmd_plot)
 
     keys = sub.add_parser("keys", help="list every run-config key with its default")
+    keys.add_argument("--toml", action="store_true",
+                      help="print as TOML (the [tool.flwr.app.config] table of pyproject.toml)")
     keys.set_defaults(func=cmd_keys)
     return parser
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from fedwa.config import toml_value
+
     for key in all_known_keys().values():
-        print(f"{key.name:24} {key.default!r:14} {key.help}")
+        if args.toml:
+            print(f"{key.name} = {toml_value(key.default)}")
+        else:
+            print(f"{key.name:24} {key.default!r:14} {key.help}")
     return 0
 
 

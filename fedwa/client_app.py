@@ -14,11 +14,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
 from fedwa.metrics import evaluate_model
 from fedwa.task import federated_data, local_train_spec, make_model
-from fedwa.training import client_seed, configure_threads, resolve_device, train_local
+from fedwa.training import (client_seed, configure_threads, local_gradient, resolve_device,
+                            train_local)
 
 app = ClientApp()
 
@@ -110,3 +112,33 @@ def query(message: Message, context: Context) -> Message:
     counts = torch.bincount(y, minlength=data.num_classes).tolist()
     info = MetricRecord({"partition-id": pid, "num-examples": len(y), "class-counts": counts})
     return Message(RecordDict({"info": info}), reply_to=message)
+
+
+@app.train("gradient")
+def gradient(message: Message, context: Context) -> Message:
+    """The gradient of this node's training loss at the received weights (federated TWA-t)."""
+    config, device, pid, data = _local_data(message, context)
+    model = _load_model(config, data, message.content["arrays"])
+    x, y = data.client_data(pid)
+    loss, gradients = local_gradient(model, x, y, batch_size=int(config["batch-size"]),
+                                     device=device)
+    metrics = MetricRecord({"num-examples": len(x), "partition-id": pid, "train-loss": loss})
+    return Message(RecordDict({"arrays": ArrayRecord(gradients), "metrics": metrics}),
+                   reply_to=message)
+
+
+@app.query("bn_moments")
+def batchnorm_moments(message: Message, context: Context) -> Message:
+    """Sufficient statistics (count, sum, sum of squares) of one BatchNorm layer's input on
+    this node's data, for the server to recompute the layer's statistics federatedly."""
+    config, device, pid, data = _local_data(message, context)
+    model = _load_model(config, data, message.content["arrays"])
+    layer = str(message.content["config"]["bn-layer"])
+    x, _ = data.client_data(pid)
+    count, total, squares = bn_moments(model, x, layers=[layer], device=device,
+                                       batch_size=int(config["eval-batch-size"]))[layer]
+    moments = ArrayRecord({"count": count.reshape(1), "sum": total, "sumsq": squares})
+    return Message(RecordDict({"moments": moments,
+                               "metrics": MetricRecord({"num-examples": len(x),
+                                                        "partition-id": pid})}),
+                   reply_to=message)

@@ -161,6 +161,10 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("client-cpus", 1.0, "CPUs per client, handed to the simulation backend.", check=positive),
     Key("client-gpus", 0.0, "GPUs per client (fractions share a card).", check=at_least(0)),
     Key("eval-batch-size", 1024, "Batch size of evaluation.", check=at_least(1)),
+    Key("bn-recompute", "auto", "How averaged models get fresh BatchNorm statistics: on the "
+        "server validation split, federated over the clients' data, or not at all (auto = "
+        "central when server-val-fraction > 0).",
+        choices=("auto", "central", "federated", "off")),
     Key("shot-split", "thirds", "Many/medium/few-shot groups: class thirds by training count, "
         "or absolute thresholds.", choices=("thirds", "absolute")),
     Key("many-shot-min", 100, "`absolute` split: many-shot classes have more examples.",
@@ -242,6 +246,9 @@ def _check_together(config: Mapping[str, Scalar]) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("device", "cuda", "auto or cpu: torch sees no CUDA device here")
+    if config["bn-recompute"] == "central" and config["server-val-fraction"] <= 0:
+        raise ConfigError("bn-recompute", "central", "federated, auto or off when "
+                          "server-val-fraction is 0: central recomputation needs server data")
     if config["few-shot-max"] > config["many-shot-min"]:
         raise ConfigError("few-shot-max", config["few-shot-max"],
                           f"at most many-shot-min ({config['many-shot-min']})")
@@ -290,6 +297,15 @@ def load_toml(path: str | Path) -> dict[str, Scalar]:
     if nested:
         raise ConfigError(nested[0], table[nested[0]], "a single value: the run config is flat")
     return dict(table)
+
+
+def toml_value(value: Scalar) -> str:
+    """A value written as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
 
 
 def to_record(config: Mapping[str, Scalar]) -> dict[str, Scalar]:

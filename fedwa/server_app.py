@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedwa.bn import (batchnorm_layers, combine_moments, has_batchnorm, moments_to_stats,
+                      recompute_bn, set_bn_stats)
 from fedwa.config import resolve_config
+from fedwa.errors import AllClientsFailedError
 from fedwa.grid import FedwaGrid
 from fedwa.metrics import evaluate_model
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
@@ -28,6 +31,8 @@ from strategies import build_strategy
 log = logging.getLogger("fedwa")
 
 app = ServerApp()
+
+BN_MOMENTS_ACTION = f"{MessageType.QUERY}.bn_moments"
 
 
 @app.main()
@@ -69,16 +74,61 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
         strategy.start(
             grid=fedwa_grid,
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=int(config["num-server-rounds"]),
+            num_rounds=total_rounds(strategy, config),
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluator,
         )
     except BaseException as err:
+        evaluator.save_model()
         writer.finish("failed", {"error": f"{type(err).__name__}: {err}"})
         raise
+    evaluator.save_model()
     writer.finish("completed")
     return Path(run_dir)
+
+
+def total_rounds(strategy: Any, config: Mapping[str, Any]) -> int:
+    """Rounds the strategy runs: its own count when it has one (IMWA episodes, TWA-t)."""
+    counter = getattr(strategy, "total_rounds", None)
+    return int(counter()) if counter else int(config["num-server-rounds"])
+
+
+def bn_route(config: Mapping[str, Any]) -> str:
+    """Where BatchNorm statistics of averaged models are recomputed: central/federated/off."""
+    route = str(config["bn-recompute"])
+    if route == "auto":
+        return "central" if float(config["server-val-fraction"]) > 0 else "federated"
+    return route
+
+
+def recompute_bn_federated(grid: FedwaGrid, model: torch.nn.Module, timeout: float = 600.0
+                           ) -> None:
+    """Recompute ``model``'s BatchNorm statistics from the clients' data, layer by layer.
+
+    For each BN layer in forward order the server sends the current model to every node; each
+    returns the count, sum and sum of squares of that layer's input on its own data (eval
+    mode), and the server sets mean and variance from the totals. The result equals one exact
+    pass over the union of the clients' data (:func:`fedwa.bn.federated_recompute_bn`).
+    """
+    for name, _ in batchnorm_layers(model):
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "config": ConfigRecord({"bn-layer": name})})
+        messages = [Message(content, node, BN_MOMENTS_ACTION, group_id="bn")
+                    for node in grid.get_node_ids()]
+        parts, failures = [], []
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error():
+                failures.append(reply.metadata.src_node_id)
+                continue
+            moments = reply.content["moments"].to_torch_state_dict()
+            parts.append({name: (moments["count"].reshape(()), moments["sum"],
+                                 moments["sumsq"])})
+        if failures:
+            log.warning("BN statistics: nodes %s did not answer; using the others", failures)
+        if not parts:
+            raise AllClientsFailedError(f"no node returned BatchNorm statistics for {name}")
+        set_bn_stats(model, moments_to_stats(combine_moments(parts)))
 
 
 class CentralEvaluator:
@@ -95,9 +145,31 @@ class CentralEvaluator:
         self.strategy, self.grid, self.writer = strategy, grid, writer
         self.x_test, self.y_test = data.test_data()
         self.last = time.perf_counter()
+        self.route = bn_route(config) if has_batchnorm(model) else "off"
+        self.final_state: dict[str, torch.Tensor] | None = None
 
-    def evaluate(self, arrays: ArrayRecord) -> dict[str, Any]:
+    def prepare(self, name: str, arrays: ArrayRecord) -> str | None:
+        """Load ``arrays`` into the model, recomputing BN statistics where the strategy asks.
+
+        Returns the route used, or None.
+        """
         self.model.load_state_dict(arrays.to_torch_state_dict())
+        if name not in getattr(self.strategy, "recompute_bn", ()) or self.route == "off":
+            return None
+        if self.route == "central":
+            x_val, _ = self.data.server_val()
+            recompute_bn(self.model, x_val, batch_size=int(self.config["eval-batch-size"]),
+                         device=self.device)
+        else:
+            recompute_bn_federated(self.grid, self.model)
+        return self.route
+
+    def save_model(self) -> None:
+        """Save the last main evaluated model (BN recomputed where it was) as model.pt."""
+        if self.final_state is not None:
+            torch.save(self.final_state, self.writer.run_dir / "model.pt")
+
+    def evaluate(self) -> dict[str, Any]:
         return evaluate_model(
             self.model, self.x_test, self.y_test, num_classes=self.data.num_classes,
             train_class_counts=self.data.train_class_counts,
@@ -111,13 +183,23 @@ class CentralEvaluator:
         chooser = getattr(self.strategy, "models_to_evaluate", None)
         models = chooser(server_round, arrays) if chooser else {"global": arrays}
         (main_name, main_arrays), *others = models.items()
-        report = self.evaluate(main_arrays)
-        traffic = self.grid.take_traffic()
+        routes = {}
+        routes[main_name] = self.prepare(main_name, main_arrays)
+        report = self.evaluate()
+        self.final_state = {k: v.detach().cpu().clone()
+                            for k, v in self.model.state_dict().items()}
         record: dict[str, Any] = {"round": server_round, "model": main_name, **report}
         for name, other in others:
-            extra = self.evaluate(other)
+            routes[name] = self.prepare(name, other)
+            extra = self.evaluate()
             record.update({f"{name}_{k}": extra[k] for k in
                            ("accuracy", "balanced_accuracy", "few_shot_accuracy", "loss")})
+        # Traffic after evaluation: federated BN statistics are part of the round's bytes.
+        traffic = self.grid.take_traffic()
+        record["bn_route"] = {n: r for n, r in routes.items() if r} or None
+        basis = getattr(self.strategy, "basis_bytes", None)
+        if basis is not None and basis():
+            record["twa_basis_bytes"] = basis()
         # Replies arrive in any order; sum in partition order so the float result is the same.
         train = sorted((r.content["metrics"] for r in traffic.replies if not r.has_error()),
                        key=lambda m: float(m.get("partition-id", 0)))

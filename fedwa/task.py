@@ -13,7 +13,7 @@ from torch import nn
 
 from fedwa.data import FederatedData, build_federated_data
 from fedwa.models import build_model
-from fedwa.training import LocalTrainSpec, round_lr
+from fedwa.training import LocalTrainSpec
 
 
 def federated_data(config: Mapping[str, Any]) -> FederatedData:
@@ -42,20 +42,27 @@ def make_model(config: Mapping[str, Any], data: FederatedData) -> nn.Module:
 def local_train_spec(config: Mapping[str, Any], round_config: Mapping[str, Any]) -> LocalTrainSpec:
     """Local training of one round: run config, overridden by what the strategy sent.
 
-    The learning rate follows the global round (``lr-schedule``) unless the strategy sends
-    ``lr`` itself; FedProx's ``proximal-mu`` arrives the same way.
+    The learning rate follows the run's global progress (``lr-schedule``): by default round r of
+    R covers progress [(r-1)/R, r/R); a strategy whose rounds are uneven (IMWA's episodes) sends
+    ``progress-start``/``progress-end``. A strategy may also send ``lr`` (then constant for
+    the round), ``local-epochs``/``local-steps``, and FedProx's ``proximal-mu``.
     """
     server_round = int(round_config.get("server-round", 1))
+    num_rounds = int(config["num-server-rounds"])
+    schedule = str(config["lr-schedule"])
     lr = round_config.get("lr")
-    if lr is None:
-        lr = round_lr(float(config["lr"]), str(config["lr-schedule"]), server_round,
-                      int(config["num-server-rounds"]))
+    if lr is not None:
+        schedule = "constant"
     return LocalTrainSpec(
         epochs=int(round_config.get("local-epochs", config["local-epochs"])),
         steps=int(round_config.get("local-steps", config["local-steps"])),
         batch_size=int(config["batch-size"]),
-        lr=float(lr),
+        lr=float(config["lr"] if lr is None else lr),
         momentum=float(config["momentum"]),
         weight_decay=float(config["weight-decay"]),
         proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        lr_schedule=schedule,
+        progress_start=float(round_config.get("progress-start",
+                                              (server_round - 1) / num_rounds)),
+        progress_end=float(round_config.get("progress-end", server_round / num_rounds)),
     )

@@ -33,6 +33,11 @@ class LocalTrainSpec:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0
+    # The lr follows the run's global progress (0 = start of training, 1 = end), not the
+    # round: the round covers [progress_start, progress_end) and the lr moves step by step.
+    lr_schedule: str = "constant"
+    progress_start: float = 0.0
+    progress_end: float = 1.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,16 +53,21 @@ def configure_threads(device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-def round_lr(base_lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
-    """The client learning rate of a server round (1-based): it follows the global round.
+def schedule_lr(base_lr: float, schedule: str, progress: float) -> float:
+    """The learning rate at a point of the whole run (``progress`` in [0, 1]).
 
-    ``cosine`` decays from ``base_lr`` in round 1 towards 0 after the last round.
+    ``cosine`` decays from ``base_lr`` at the start towards 0 at the end.
     """
     if schedule == "constant":
         return base_lr
     if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / num_rounds))
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def round_lr(base_lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The client learning rate at the start of a server round (1-based)."""
+    return schedule_lr(base_lr, schedule, (server_round - 1) / num_rounds)
 
 
 def batch_order(num_examples: int, batch_size: int, spec: LocalTrainSpec,
@@ -133,7 +143,14 @@ def train_local(
     x_dev, y_dev = x.to(device), y.to(device)
     total_loss = torch.zeros((), device=device)
     seen = 0
-    for idx in batches:
+    per_step = spec.lr_schedule != "constant"
+    span = spec.progress_end - spec.progress_start
+    for step, idx in enumerate(batches):
+        if per_step:
+            lr = schedule_lr(spec.lr, spec.lr_schedule,
+                             spec.progress_start + span * step / len(batches))
+            for group in optimiser.param_groups:
+                group["lr"] = lr
         idx = idx.to(device)
         loss = nn.functional.cross_entropy(model(x_dev[idx]), y_dev[idx])
         total_loss += loss.detach()
@@ -158,3 +175,34 @@ def train_local(
 def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
     """A distinct, reproducible seed per (run, round, client)."""
     return (run_seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63 - 1)
+
+
+def local_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                   device: torch.device | str = "cpu") -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean cross-entropy over ``(x, y)`` and its gradient, for every state-dict entry.
+
+    BatchNorm runs in train mode (batch statistics over chunks of ``batch_size``), as during
+    training; buffers get zero "gradients" so the result has the model's names and shapes.
+    The model's own buffers are restored afterwards.
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    x_dev, y_dev = x.to(device), y.to(device)
+    for start in range(0, len(x), batch_size):
+        xb, yb = x_dev[start:start + batch_size], y_dev[start:start + batch_size]
+        loss = nn.functional.cross_entropy(model(xb), yb, reduction="sum") / len(x)
+        loss.backward()
+        total += loss.detach()
+    params = dict(model.named_parameters())
+    gradients = {}
+    for name, value in model.state_dict().items():
+        grad = params[name].grad if name in params else None
+        gradients[name] = (grad.detach().cpu().clone() if grad is not None
+                           else torch.zeros_like(value, device="cpu"))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(saved[name])
+    return float(total), gradients

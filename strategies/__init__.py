@@ -15,15 +15,26 @@ from fedwa.errors import ConfigError
 from strategies.base import FedwaStrategy
 from strategies.fedavg import FedAvg
 from strategies.flower import FedAdam, FedAvgM, FedProx
+from strategies.hwa import HWA
+from strategies.imwa import IMWA
+from strategies.swa import EMA, SWA
+from strategies.twa import TWAt, TWAv
 
 REGISTRY: dict[str, type] = {
     "fedavg": FedAvg,
     "fedavgm": FedAvgM,
     "fedprox": FedProx,
     "fedadam": FedAdam,
+    "imwa": IMWA,
+    "hwa": HWA,
+    "swa": SWA,
+    "ema": EMA,
+    "twa-v": TWAv,
+    "twa-t": TWAt,
 }
 
-__all__ = ["REGISTRY", "FedAvg", "FedAdam", "FedAvgM", "FedProx", "FedwaStrategy",
+__all__ = ["REGISTRY", "EMA", "HWA", "IMWA", "SWA", "FedAvg", "FedAdam", "FedAvgM", "FedProx",
+           "FedwaStrategy", "TWAt", "TWAv",
            "build_strategy", "resolve_strategy_class"]
 
 

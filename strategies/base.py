@@ -84,6 +84,9 @@ class FedwaStrategy:
     """
 
     config_keys: ClassVar[tuple[Key, ...]] = ()
+    #: Names from :meth:`models_to_evaluate` whose BatchNorm statistics the server recomputes
+    #: before evaluating them (averages of models that trained apart).
+    recompute_bn: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, *args: Any, seed: int = 0,
                  run_config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -167,6 +170,17 @@ class FedwaStrategy:
         """Turn usable replies into the new global arrays (default: the Flower parent's math)."""
         arrays, _ = super().aggregate_train(server_round, replies)
         return arrays
+
+    def total_rounds(self) -> int:
+        """Server rounds this strategy runs (IMWA's episodes, TWA-t's extra rounds differ)."""
+        return int(self.run_config.get("num-server-rounds", 1))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that must survive a round, for checkpoints (none for plain FedAvg)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     def models_to_evaluate(self, server_round: int, arrays: ArrayRecord
                            ) -> dict[str, ArrayRecord]:

@@ -1,0 +1,261 @@
+"""TWA: Trainable Weight Averaging over the server's global models.
+
+Li et al., "Trainable Weight Averaging: Efficient Training by Optimizing Historical Solutions",
+ICLR 2023 (arXiv 2205.13104); TWA-v / TWA-t and layer-wise coefficients from the journal
+version. The candidates are the global models of rounds ``twa-start-round``,
+``+ twa-every``, ... up to the last training round. Their learnable parameters span an affine
+subspace (centre = their mean, the SWA point; orthonormal basis by QR); TWA optimises only the
+coefficients of that subspace, starting at the centre. BatchNorm buffers are not in the
+subspace: they are recomputed (``bn-recompute``).
+
+- ``twa-v`` fits the coefficients on the server's validation split (``server-val-fraction``)
+  right after the last training round: ``twa-epochs`` passes of projected SGD.
+- ``twa-t`` needs no server data: ``twa-rounds`` extra rounds follow training; in each, the
+  server sends ``w = centre + P^T x``, every client returns the gradient of its local training
+  loss at ``w`` (one model's worth of traffic; BatchNorm in train mode, as when training), the
+  server averages the gradients by example count, projects them and takes one momentum step.
+
+Both report the candidates' SWA point beside the TWA point (``swa_*`` metrics): the same
+candidates, with and without training the coefficients.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+
+from fedwa.averaging import weighted_average
+from fedwa.config import Key, at_least, positive
+from fedwa.errors import ConfigError
+from fedwa.twa import Subspace, SubspaceOptimizer, flatten, layer_blocks, learnable_names
+from strategies.fedavg import FedAvg
+from strategies.swa import half_run
+
+log = logging.getLogger("fedwa")
+
+GRADIENT_ACTION = f"{MessageType.TRAIN}.gradient"
+
+SHARED_KEYS = (
+    Key("twa-start-round", 0, "twa: first candidate round (0 = the second half of the run).",
+        check=at_least(0)),
+    Key("twa-every", 1, "twa: take every n-th round's global model as a candidate.",
+        check=at_least(1)),
+    Key("twa-layerwise", False, "twa: one coefficient vector per layer (journal version)."),
+    Key("twa-lr", 0.05, "twa: learning rate of the subspace coefficients.", check=positive),
+    Key("twa-momentum", 0.9, "twa: momentum of the subspace coefficients.",
+        check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
+)
+
+
+class _TWA(FedAvg):
+    """Collects candidates during training and builds their subspace after the last round."""
+
+    recompute_bn = frozenset({"twa", "swa"})
+
+    def __init__(self, *args: Any, twa_start_round: int = 0, twa_every: int = 1,
+                 twa_layerwise: bool = False, twa_lr: float = 0.05, twa_momentum: float = 0.9,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_rounds = int(self.run_config.get("num-server-rounds", 2))
+        self.start_round = twa_start_round or half_run({"num-server-rounds": self.train_rounds})
+        self.every, self.layerwise = twa_every, twa_layerwise
+        self.lr, self.momentum = twa_lr, twa_momentum
+        self.candidates: list[torch.Tensor] = []
+        self.template: dict[str, torch.Tensor] | None = None  # names, shapes, buffers
+        self.names: list[str] = []
+        self.blocks: list[tuple[int, int]] | None = None
+        self.subspace: Subspace | None = None
+        self.optimizer: SubspaceOptimizer | None = None
+        self.point: ArrayRecord | None = None
+
+    @classmethod
+    def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"twa_start_round": int(config["twa-start-round"]),
+                "twa_every": int(config["twa-every"]),
+                "twa_layerwise": bool(config["twa-layerwise"]),
+                "twa_lr": float(config["twa-lr"]), "twa_momentum": float(config["twa-momentum"])}
+
+    def _names_and_blocks(self) -> None:
+        from fedwa.task import federated_data, make_model
+
+        model = make_model(self.run_config, federated_data(self.run_config))
+        self.names = learnable_names(model)
+        self.blocks = layer_blocks(model, self.names) if self.layerwise else None
+
+    def is_candidate(self, server_round: int) -> bool:
+        return (self.start_round <= server_round <= self.train_rounds
+                and (server_round - self.start_round) % self.every == 0)
+
+    def collect(self, server_round: int, arrays: ArrayRecord) -> None:
+        if not self.is_candidate(server_round):
+            return
+        state = arrays.to_torch_state_dict()
+        if not self.names:
+            self._names_and_blocks()
+        self.template = state
+        self.candidates.append(flatten(state, self.names))
+        if server_round == self.train_rounds or server_round + self.every > self.train_rounds:
+            self.subspace = Subspace.from_candidates(self.candidates, self.blocks)
+            self.optimizer = SubspaceOptimizer(self.subspace, self.lr, self.momentum)
+            log.info("twa: %d candidates span %d directions; basis holds %.1f MB",
+                     len(self.candidates), self.subspace.dim, self.subspace.nbytes() / 1e6)
+            self.candidates = []  # the subspace holds what is needed from here on
+
+    def arrays_at(self, weights: torch.Tensor) -> ArrayRecord:
+        """Full arrays: learnable parameters from ``weights``, buffers from the last global."""
+        from fedwa.twa import unflatten
+
+        assert self.template is not None
+        state = dict(self.template)
+        state.update(unflatten(weights, self.template, self.names))
+        return ArrayRecord(state)
+
+    def centre_arrays(self) -> ArrayRecord:
+        assert self.subspace is not None
+        return self.arrays_at(self.subspace.centre)
+
+    def basis_bytes(self) -> int:
+        return self.subspace.nbytes() if self.subspace is not None else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"candidates": list(self.candidates), "template": self.template,
+                "subspace": self.subspace.state_dict() if self.subspace else None,
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.candidates, self.template = list(state["candidates"]), state["template"]
+        if state["subspace"] is not None:
+            if not self.names:
+                self._names_and_blocks()
+            self.subspace = Subspace.from_candidates(
+                [torch.zeros_like(state["subspace"]["centre"])], self.blocks)
+            self.subspace.load_state_dict(state["subspace"])
+            self.optimizer = SubspaceOptimizer(self.subspace, self.lr, self.momentum)
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+class TWAv(_TWA):
+    """TWA whose coefficients are fitted on the server's validation split."""
+
+    config_keys = SHARED_KEYS + (
+        Key("twa-epochs", 3, "twa-v: passes over the server validation split.",
+            check=at_least(1)),
+        Key("twa-batch-size", 64, "twa-v: batch size of the coefficient fit.",
+            check=at_least(1)),
+    )
+
+    def __init__(self, *args: Any, twa_epochs: int = 3, twa_batch_size: int = 64,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.run_config and float(self.run_config.get("server-val-fraction", 0)) <= 0:
+            raise ConfigError("server-val-fraction", self.run_config.get("server-val-fraction"),
+                              "a fraction in (0, 1) for twa-v: it fits on the server's "
+                              "validation split")
+        self.epochs, self.batch_size = twa_epochs, twa_batch_size
+
+    @classmethod
+    def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {**super().kwargs_from_config(config), "twa_epochs": int(config["twa-epochs"]),
+                "twa_batch_size": int(config["twa-batch-size"])}
+
+    def aggregate_train(self, server_round: int, replies: list[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        self.collect(server_round, arrays)
+        if server_round == self.train_rounds and self.subspace is not None:
+            self.point = self.fit()
+        return arrays, metrics
+
+    def fit(self) -> ArrayRecord:
+        from fedwa.bn import recompute_bn
+        from fedwa.task import federated_data, make_model
+        from fedwa.twa import fit_on_data
+
+        data = federated_data(self.run_config)
+        x_val, y_val = data.server_val()
+        model = make_model(self.run_config, data)
+        model.load_state_dict(self.centre_arrays().to_torch_state_dict())
+        # The fit runs BN in eval mode: give it the centre's own statistics to start from.
+        recompute_bn(model, x_val)
+        assert self.subspace is not None
+        coefficients = fit_on_data(model, self.subspace, self.names, x_val, y_val,
+                                   epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                                   momentum=self.momentum, seed=self.seed)
+        return self.arrays_at(self.subspace.point(coefficients))
+
+    def models_to_evaluate(self, server_round: int, arrays: ArrayRecord
+                           ) -> dict[str, ArrayRecord]:
+        if self.point is None:
+            return {"global": arrays}
+        return {"twa": self.point, "swa": self.centre_arrays(), "global": arrays}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "point": self.point}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.point = state.get("point")
+
+
+class TWAt(_TWA):
+    """Federated TWA: extra rounds of projected gradient steps on the clients' losses."""
+
+    config_keys = SHARED_KEYS + (
+        Key("twa-rounds", 10, "twa-t: gradient rounds after training.", check=at_least(1)),
+    )
+
+    def __init__(self, *args: Any, twa_rounds: int = 10, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.twa_rounds = twa_rounds
+
+    @classmethod
+    def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {**super().kwargs_from_config(config), "twa_rounds": int(config["twa-rounds"])}
+
+    def total_rounds(self) -> int:
+        return self.train_rounds + self.twa_rounds
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Any) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if server_round <= self.train_rounds:
+            return messages
+        # Same content, other action: the ClientApp's gradient function answers these.
+        return [Message(m.content, m.metadata.dst_node_id, GRADIENT_ACTION) for m in messages]
+
+    def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord:
+        if server_round <= self.train_rounds:
+            return super().aggregate_replies(server_round, replies)
+        assert self.optimizer is not None
+        gradients = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        mean = weighted_average(gradients, self.client_weights(replies))
+        weights = self.optimizer.step(flatten(mean, self.names))
+        return self.arrays_at(weights)
+
+    def aggregate_train(self, server_round: int, replies: list[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        if server_round <= self.train_rounds:
+            self.collect(server_round, arrays)
+            if server_round == self.train_rounds:
+                # Clients take their first gradient at the centre (x = 0), the SWA point.
+                arrays = self.centre_arrays()
+        else:
+            self.point = arrays
+        return arrays, metrics
+
+    def models_to_evaluate(self, server_round: int, arrays: ArrayRecord
+                           ) -> dict[str, ArrayRecord]:
+        if self.subspace is None:
+            return {"global": arrays}
+        if server_round <= self.train_rounds:
+            return {"swa": self.centre_arrays()}
+        return {"twa": arrays, "swa": self.centre_arrays()}
