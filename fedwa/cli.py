@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="list every run-config key with its default")
     keys.add_argument("--toml", action="store_true",
                       help="print as TOML (the [tool.flwr.app.config] table of pyproject.toml)")
+    keys.add_argument("--markdown", action="store_true", help="print the README's key table")
     keys.set_defaults(func=cmd_keys)
     return parser
 
@@ -311,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_keys(args: argparse.Namespace) -> int:
     from fedwa.config import toml_value
 
+    if args.markdown:
+        from fedwa.config import markdown_table
+
+        print(markdown_table(), end="")
+        return 0
     for key in all_known_keys().values():
         if args.toml:
             print(f"{key.name} = {toml_value(key.default)}")

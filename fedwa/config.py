@@ -299,6 +299,23 @@ def load_toml(path: str | Path) -> dict[str, Scalar]:
     return dict(table)
 
 
+def markdown_table() -> str:
+    """The README's table of every key: name, owning strategy, default, meaning."""
+    from strategies import REGISTRY
+
+    owners: dict[str, list[str]] = {}
+    for name, cls in REGISTRY.items():
+        for key in getattr(cls, "config_keys", ()):
+            owners.setdefault(key.name, []).append(name)
+    lines = ["| key | strategy | default | meaning |", "|---|---|---|---|"]
+    for key in all_known_keys().values():
+        allowed = f" One of: {', '.join(key.choices)}." if key.choices else ""
+        owner = ", ".join(owners.get(key.name, ["all"]))
+        lines.append(f"| `{key.name}` | {owner} | `{toml_value(key.default)}` | "
+                     f"{key.help}{allowed} |")
+    return "\n".join(lines) + "\n"
+
+
 def toml_value(value: Scalar) -> str:
     """A value written as a TOML literal."""
     if isinstance(value, bool):
