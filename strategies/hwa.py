@@ -16,14 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedwa.averaging import WindowAverage
 from fedwa.config import Key, at_least
-from strategies.fedavg import FedAvg
+from strategies.averaged import AveragedModelStrategy
 
 
-class HWA(FedAvg):
+class HWA(AveragedModelStrategy):
     """FedAvg every H local steps, evaluated through a sliding-window average."""
 
     config_keys = (
@@ -32,13 +32,13 @@ class HWA(FedAvg):
         Key("hwa-window", 5, "hwa: synchronised models in the offline average.",
             check=at_least(1)),
     )
-    recompute_bn = frozenset({"hwa"})
+    averaged_name = "hwa"
 
     def __init__(self, *args: Any, hwa_sync_steps: int = 0, hwa_window: int = 5,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sync_steps = hwa_sync_steps
-        self.window = WindowAverage(hwa_window)
+        self.average = WindowAverage(hwa_window)
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,23 +50,3 @@ class HWA(FedAvg):
         if self.sync_steps:
             config["local-steps"] = self.sync_steps
         return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: list[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            self.window.update(arrays.to_torch_state_dict())
-        return arrays, metrics
-
-    def models_to_evaluate(self, server_round: int, arrays: ArrayRecord
-                           ) -> dict[str, ArrayRecord]:
-        average = self.window.average
-        if average is None:
-            return {"global": arrays}
-        return {"hwa": ArrayRecord(average), "global": arrays}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"window": self.window.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.window.load_state_dict(state["window"])

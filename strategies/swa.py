@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
-
 from fedwa.averaging import ExponentialAverage, RunningAverage
 from fedwa.config import Key, at_least
-from strategies.fedavg import FedAvg
+from fedwa.errors import ConfigError
+from strategies.averaged import AveragedModelStrategy
 
 
 def half_run(config: Mapping[str, Any]) -> int:
@@ -24,49 +23,36 @@ def half_run(config: Mapping[str, Any]) -> int:
     return int(config["num-server-rounds"]) // 2 + 1
 
 
-class SWA(FedAvg):
+class SWA(AveragedModelStrategy):
     """FedAvg whose evaluated model is the uniform average of the late global models."""
 
     config_keys = (Key("swa-start-round", 0, "swa: first round whose global model enters the "
                        "average (0 = the second half of the run).", check=at_least(0)),)
-    recompute_bn = frozenset({"swa"})
+    averaged_name = "swa"
 
     def __init__(self, *args: Any, swa_start_round: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.start_round = swa_start_round or half_run(self.run_config or
-                                                       {"num-server-rounds": 2})
+        rounds = int(self.run_config.get("num-server-rounds", 2))
+        self.start_round = swa_start_round or half_run({"num-server-rounds": rounds})
+        if self.run_config and self.start_round > rounds:
+            raise ConfigError("swa-start-round", swa_start_round,
+                              f"at most num-server-rounds ({rounds})")
         self.average = RunningAverage()
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         return {"swa_start_round": int(config["swa-start-round"])}
 
-    def aggregate_train(self, server_round: int, replies: list[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None and server_round >= self.start_round:
-            self.average.update(arrays.to_torch_state_dict())
-        return arrays, metrics
-
-    def models_to_evaluate(self, server_round: int, arrays: ArrayRecord
-                           ) -> dict[str, ArrayRecord]:
-        if self.average.average is None:
-            return {"global": arrays}
-        return {"swa": ArrayRecord(self.average.average), "global": arrays}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"average": self.average.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.average.load_state_dict(state["average"])
+    def tracks(self, server_round: int) -> bool:
+        return server_round >= self.start_round
 
 
-class EMA(FedAvg):
+class EMA(AveragedModelStrategy):
     """FedAvg whose evaluated model is an EMA of the global models, started at round 1."""
 
     config_keys = (Key("ema-decay", 0.9, "ema: decay of the EMA of global models.",
                        check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),)
-    recompute_bn = frozenset({"ema"})
+    averaged_name = "ema"
 
     def __init__(self, *args: Any, ema_decay: float = 0.9, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -75,22 +61,3 @@ class EMA(FedAvg):
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         return {"ema_decay": float(config["ema-decay"])}
-
-    def aggregate_train(self, server_round: int, replies: list[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            self.average.update(arrays.to_torch_state_dict())
-        return arrays, metrics
-
-    def models_to_evaluate(self, server_round: int, arrays: ArrayRecord
-                           ) -> dict[str, ArrayRecord]:
-        if self.average.average is None:
-            return {"global": arrays}
-        return {"ema": ArrayRecord(self.average.average), "global": arrays}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"average": self.average.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.average.load_state_dict(state["average"])

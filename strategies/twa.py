@@ -62,6 +62,9 @@ class _TWA(FedAvg):
         super().__init__(*args, **kwargs)
         self.train_rounds = int(self.run_config.get("num-server-rounds", 2))
         self.start_round = twa_start_round or half_run({"num-server-rounds": self.train_rounds})
+        if self.run_config and self.start_round > self.train_rounds:
+            raise ConfigError("twa-start-round", twa_start_round,
+                              f"at most num-server-rounds ({self.train_rounds})")
         self.every, self.layerwise = twa_every, twa_layerwise
         self.lr, self.momentum = twa_lr, twa_momentum
         self.candidates: list[torch.Tensor] = []

@@ -15,22 +15,10 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedwa.errors import AllClientsFailedError
 from strategies import FedAvg
 from strategies.base import match_dtypes, reply_problem
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a run need a task identity (as run_simulation.py sets)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id = 1234
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def record(**arrays) -> ArrayRecord:

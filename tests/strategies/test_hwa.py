@@ -4,23 +4,18 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedwa.config import resolve_config
 from strategies import HWA, build_strategy
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a run need a task identity (as run_simulation.py sets)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id = 6262
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +127,7 @@ def test_state_dict_round_trip():
         run_round(s, r)
     restored = hwa(**{"hwa-window": 5})  # the window size comes from the state
     restored.load_state_dict(s.state_dict())
-    assert restored.window.size == 2
+    assert restored.average.size == 2
     for strategy in (s, restored):
         arrays = run_round(strategy, 3)
         assert values(strategy.models_to_evaluate(3, arrays)["hwa"]) == ([1.5, 2.0], 31)

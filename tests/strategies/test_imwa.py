@@ -4,26 +4,21 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedwa.config import resolve_config
 from fedwa.errors import ConfigError
 from fedwa.task import local_train_spec
 from strategies import IMWA, build_strategy
 from strategies.imwa import episode_lengths
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a run need a task identity (as run_simulation.py sets)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id = 7373
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 import fedwa.task
 from fedwa.config import resolve_config
@@ -21,17 +19,6 @@ from strategies.twa import GRADIENT_ACTION
 
 BASE_CONFIG = {"strategy": "twa-t", "dataset": "digits", "model": "mlp",
                "num-server-rounds": 4, "twa-rounds": 3}
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages built outside a run need a task identity (as run_simulation.py sets)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id = 8484
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture(autouse=True)
@@ -357,3 +344,14 @@ def test_gradient_replies_are_averaged_by_example_count(data):
     assert_arrays_close(arrays, expected, atol=1e-5)
     assert metrics["num-examples"] == 4
     assert np.isclose(metrics["train-loss"], 0.5)
+
+
+@pytest.mark.parametrize("strategy", ["twa-t", "twa-v"])
+def test_start_round_after_training_is_a_config_error(strategy):
+    # 4 training rounds, first candidate round 5: no round is ever a candidate.
+    config = resolve_config({"strategy": strategy, "dataset": "digits", "model": "mlp",
+                             "num-server-rounds": 4, "twa-start-round": 5,
+                             "server-val-fraction": 0.2})
+    with pytest.raises(ConfigError, match="twa-start-round") as info:
+        build_strategy(config)
+    assert info.value.key == "twa-start-round"
