@@ -19,6 +19,7 @@ from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
 from fedwa.metrics import evaluate_model
 from fedwa.task import federated_data, local_train_spec, make_model
+from fedwa.wsa import scope_kl, scope_regulariser
 from fedwa.training import (client_seed, configure_threads, local_gradient, resolve_device,
                             train_local)
 
@@ -61,28 +62,72 @@ def _load_model(config: dict[str, Any], data, arrays: ArrayRecord) -> torch.nn.M
     return model
 
 
+LOCAL_MODEL_KEY = "fedwa-local-model"
+
+
+def _starting_model(config: dict[str, Any], data, received: ArrayRecord,  # noqa: ANN001
+                    round_config: dict[str, Any], context: Context) -> torch.nn.Module:
+    """The model this round starts from.
+
+    Normally the received model. With ``keep-local-model`` (partial averaging) the node keeps
+    its own full model in ``context.state`` across rounds and the server sends only some
+    entries: those replace the node's own, the rest stay local. A node with no model yet
+    starts from the run's shared initialisation.
+    """
+    model = make_model(config, data)
+    if round_config.get("keep-local-model"):
+        if LOCAL_MODEL_KEY in context.state.array_records:
+            model.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
+        state = model.state_dict()
+        state.update(received.to_torch_state_dict())
+        model.load_state_dict(state)
+    else:
+        model.load_state_dict(received.to_torch_state_dict())
+    return model
+
+
+def _regulariser(round_config: dict[str, Any]):  # noqa: ANN202
+    """WSA's scope term when the strategy sent target scopes, else None."""
+    if "wsa-lambda" not in round_config:
+        return None, None
+    names = list(round_config["wsa-names"])
+    targets = {n: (torch.tensor(mu), torch.tensor(sigma)) for n, mu, sigma in
+               zip(names, round_config["wsa-mu"], round_config["wsa-sigma"])}
+    return scope_regulariser(targets, names, float(round_config["wsa-lambda"])), targets
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the received model on this node's partition; reply with weights and metrics."""
     started = time.perf_counter()
     config, device, pid, data = _local_data(message, context)
     round_config = dict(message.content["config"]) if "config" in message.content else {}
-    model = _load_model(config, data, message.content["arrays"])
+    received = message.content["arrays"]
+    model = _starting_model(config, data, received, round_config, context)
     x, y = data.client_data(pid)
     server_round = int(round_config.get("server-round", 1))
+    regulariser, targets = _regulariser(round_config)
     stats = train_local(model, x, y, local_train_spec(config, round_config),
-                        seed=client_seed(int(config["seed"]), server_round, pid), device=device)
+                        seed=client_seed(int(config["seed"]), server_round, pid), device=device,
+                        regulariser=regulariser)
     model.to("cpu")
-    metrics = MetricRecord({
+    state = model.state_dict()
+    metrics = {
         "num-examples": len(x),
         "partition-id": pid,
         "train-loss": stats["loss"],
         "train-steps": stats["steps"],
         "train-seconds": stats["seconds"],
-        "seconds": time.perf_counter() - started,
-    })
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
-                   reply_to=message)
+    }
+    if targets is not None:
+        with torch.no_grad():
+            metrics["wsa-kl"] = float(scope_kl(state, targets, list(targets)))
+    if round_config.get("keep-local-model"):
+        context.state[LOCAL_MODEL_KEY] = ArrayRecord(state)
+    names = round_config.get("return-names") or list(received.keys())
+    metrics["seconds"] = time.perf_counter() - started
+    return Message(RecordDict({"arrays": ArrayRecord({n: state[n] for n in names}),
+                               "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
 @app.evaluate()
@@ -90,11 +135,20 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received model on this node's own training partition.
 
     Nodes hold no test split of their own in simulation; this reports how well the model fits
-    each client's local distribution.
+    each client's local distribution. With ``evaluate-local-model`` the node evaluates its own
+    kept model (partial averaging) on the balanced test set instead.
     """
     config, device, pid, data = _local_data(message, context)
-    model = _load_model(config, data, message.content["arrays"])
-    x, y = data.client_data(pid)
+    round_config = dict(message.content["config"]) if "config" in message.content else {}
+    if round_config.get("evaluate-local-model"):
+        # Partial averaging: how good is the node's own model, on the balanced test set.
+        model = make_model(config, data)
+        if LOCAL_MODEL_KEY in context.state.array_records:
+            model.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
+        x, y = data.test_data()
+    else:
+        model = _load_model(config, data, message.content["arrays"])
+        x, y = data.client_data(pid)
     report = evaluate_model(model, x, y, num_classes=data.num_classes,
                             train_class_counts=data.train_class_counts,
                             batch_size=int(config["eval-batch-size"]), device=device)
@@ -142,3 +196,12 @@ def batchnorm_moments(message: Message, context: Context) -> Message:
                                "metrics": MetricRecord({"num-examples": len(x),
                                                         "partition-id": pid})}),
                    reply_to=message)
+
+
+@app.query("local_model")
+def local_model(message: Message, context: Context) -> Message:
+    """The model this node keeps across rounds (partial averaging), e.g. to study or deploy
+    personalised models; an empty record when it keeps none."""
+    state = context.state
+    arrays = state[LOCAL_MODEL_KEY] if LOCAL_MODEL_KEY in state.array_records else ArrayRecord()
+    return Message(RecordDict({"arrays": arrays}), reply_to=message)

@@ -27,6 +27,7 @@ from fedwa.results import ResultsWriter, default_run_name, unique_dir
 from fedwa.task import federated_data, make_model
 from fedwa.training import configure_threads, resolve_device, round_lr
 from strategies import build_strategy
+from strategies.base import example_weighted
 
 log = logging.getLogger("fedwa")
 
@@ -197,15 +198,20 @@ class CentralEvaluator:
         # Traffic after evaluation: federated BN statistics are part of the round's bytes.
         traffic = self.grid.take_traffic()
         record["bn_route"] = {n: r for n, r in routes.items() if r} or None
+        client_eval = getattr(self.strategy, "last_evaluate_metrics", {}) if server_round else {}
+        record.update({f"clients_{k.replace('-', '_')}": v for k, v in client_eval.items()})
         basis = getattr(self.strategy, "basis_bytes", None)
         if basis is not None and basis():
             record["twa_basis_bytes"] = basis()
-        # Replies arrive in any order; sum in partition order so the float result is the same.
-        train = sorted((r.content["metrics"] for r in traffic.replies if not r.has_error()),
-                       key=lambda m: float(m.get("partition-id", 0)))
-        examples = sum(float(m.get("num-examples", 0)) for m in train)
+        ok = [r.content["metrics"] for r in traffic.replies if not r.has_error()]
         failures = getattr(self.strategy, "last_failures", None)
-        failed = len(failures) if failures is not None else len(traffic.replies) - len(train)
+        failed = len(failures) if failures is not None else len(traffic.replies) - len(ok)
+        client_train = getattr(self.strategy, "last_train_metrics", None)
+        if client_train is None and ok:  # a strategy without fedwa's base: all error-free replies
+            # Replies arrive in any order; sum in partition order for a repeatable float.
+            ok.sort(key=lambda m: float(m.get("partition-id", 0)))
+            client_train = example_weighted(ok, [float(m.get("num-examples", 0)) for m in ok])
+        client_train = client_train if server_round > 0 else None
         record.update({
             "seconds": round_seconds if server_round > 0 else 0.0,
             "bytes_down": traffic.bytes_down,
@@ -214,9 +220,12 @@ class CentralEvaluator:
                            max(server_round, 1), int(self.config["num-server-rounds"])),
             "clients_ok": len(traffic.replies) - failed if server_round > 0 else 0,
             "clients_failed": failed if server_round > 0 else 0,
-            "train_loss": (sum(float(m.get("train-loss", 0.0)) * float(m["num-examples"])
-                               for m in train) / examples) if examples else None,
+            "train_loss": client_train.get("train-loss") if client_train else None,
+            "client_train": client_train or None,
         })
+        extra = getattr(self.strategy, "round_metrics", None)
+        if extra is not None and server_round > 0:
+            record.update(extra())
         self.writer.append_round(record)
         log.info("round %d/%d  accuracy %.4f  balanced %.4f  loss %.4f  (%.1fs)", server_round,
                  self.config["num-server-rounds"], report["accuracy"],

@@ -17,8 +17,10 @@ from strategies.fedavg import FedAvg
 from strategies.flower import FedAdam, FedAvgM, FedProx
 from strategies.hwa import HWA
 from strategies.imwa import IMWA
+from strategies.partial import PartialAveraging
 from strategies.swa import EMA, SWA
 from strategies.twa import TWAt, TWAv
+from strategies.wsa import WSA
 
 REGISTRY: dict[str, type] = {
     "fedavg": FedAvg,
@@ -31,10 +33,12 @@ REGISTRY: dict[str, type] = {
     "ema": EMA,
     "twa-v": TWAv,
     "twa-t": TWAt,
+    "partial": PartialAveraging,
+    "wsa": WSA,
 }
 
 __all__ = ["REGISTRY", "EMA", "HWA", "IMWA", "SWA", "FedAvg", "FedAdam", "FedAvgM", "FedProx",
-           "FedwaStrategy", "TWAt", "TWAv",
+           "FedwaStrategy", "PartialAveraging", "TWAt", "TWAv", "WSA",
            "build_strategy", "resolve_strategy_class"]
 
 

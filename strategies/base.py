@@ -95,6 +95,9 @@ class FedwaStrategy:
         self.run_config = dict(run_config or {})
         self.sent_arrays: ArrayRecord | None = None
         self.last_failures: list[tuple[int, str]] = []
+        self.last_evaluate_metrics: dict[str, float] = {}
+        self.last_train_metrics: dict[str, float] | None = None
+        self.last_usable: list[Message] = []
 
     # --- construction -------------------------------------------------------------------------
 
@@ -137,10 +140,25 @@ class FedwaStrategy:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable = self.screen_replies(server_round, replies)
+        self.last_usable = usable
         arrays = self.aggregate_replies(server_round, usable)
         if arrays is not None and self.sent_arrays is not None:
             arrays = match_dtypes(arrays, self.sent_arrays)
-        return arrays, train_metrics(usable)
+        metrics = train_metrics(usable)
+        self.last_train_metrics = dict(metrics)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Example-weighted client evaluation; kept for the round's record (``clients_*``)."""
+        records = [r.content["metrics"] for r in replies if not r.has_error()
+                   and "metrics" in r.content.metric_records]
+        if not records:
+            self.last_evaluate_metrics = {}
+            return None
+        self.last_evaluate_metrics = example_weighted(
+            records, [float(m.get("num-examples", 1)) for m in records])
+        return MetricRecord(self.last_evaluate_metrics)
 
     # --- fedwa hooks --------------------------------------------------------------------------
 
@@ -192,13 +210,22 @@ class FedwaStrategy:
         return {"global": arrays}
 
 
-def train_metrics(replies: list[Message]) -> MetricRecord:
-    """Example-weighted train loss and totals of the usable replies (ids are not averaged)."""
-    examples = [float(r.content["metrics"]["num-examples"]) for r in replies]
-    losses = [float(r.content["metrics"].get("train-loss", float("nan"))) for r in replies]
+#: Reply metrics that are bookkeeping, not measurements: never averaged.
+NOT_AVERAGED = frozenset({"num-examples", "partition-id"})
+
+
+def example_weighted(records: list[Any], examples: list[float]) -> dict[str, float]:
+    """Example-weighted mean of every numeric, non-bookkeeping metric present in all records."""
     total = sum(examples)
-    return MetricRecord({
-        "train-loss": sum(l * n for l, n in zip(losses, examples)) / total,
-        "num-examples": int(total),
-        "num-clients": len(replies),
-    })
+    names = [k for k, v in records[0].items()
+             if k not in NOT_AVERAGED and isinstance(v, (int, float))
+             and all(isinstance(r.get(k), (int, float)) for r in records)]
+    return {k: sum(float(r[k]) * n for r, n in zip(records, examples)) / total for k in names}
+
+
+def train_metrics(replies: list[Message]) -> MetricRecord:
+    """Example-weighted means of the usable replies' metrics, plus totals (ids not averaged)."""
+    records = [r.content["metrics"] for r in replies]
+    examples = [float(m["num-examples"]) for m in records]
+    return MetricRecord({**example_weighted(records, examples),
+                         "num-examples": int(sum(examples)), "num-clients": len(replies)})

@@ -1,0 +1,106 @@
+"""Partial model averaging.
+
+Lee, Sahu, He, Avestimehr, "Partial Model Averaging in Federated Learning: Performance
+Guarantees and Benefits", 2022 (arXiv 2201.03789). The model's layers are split into
+``partial-groups`` (tau) disjoint groups; round r synchronises group ``(r - 1) mod tau``: the
+clients train, send that group up, the server averages it, and the average goes down at the
+start of round r + 1 (with the next round's instructions), where it replaces the clients'
+copies. Clients keep their own full model between rounds, so the other groups stay local; each
+parameter is still averaged once every tau rounds, at 1/tau of the traffic per round. Round 1
+sends no weights: every client starts from the run's shared, seeded initialisation. With
+tau = 1 this is FedAvg exactly.
+
+A client that missed rounds (``fraction-train < 1``) rejoins, by ``partial-rejoin``, from its
+own freshest copy of every group (``local``: nothing extra is sent) or from the server's latest
+average of every group (``server``: the full model is sent to it, and counted in bytes).
+
+The server keeps the latest average of every group; that model is evaluated. Every round the
+clients also evaluate their own kept models on the test set (``clients_local_accuracy``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fedwa.averaging import weighted_average
+from fedwa.config import Key, at_least
+from fedwa.partial import group_for_round, merge, partition_groups, select
+from strategies.fedavg import FedAvg
+
+
+class PartialAveraging(FedAvg):
+    """Averages one staggered group of layers per round; clients keep the rest."""
+
+    config_keys = (
+        Key("partial-groups", 2, "partial: number of layer groups tau (1 = FedAvg).",
+            check=at_least(1)),
+        Key("partial-grouping", "balanced", "partial: consecutive layers of balanced size, or "
+            "layers dealt round-robin.", choices=("balanced", "round-robin")),
+        Key("partial-rejoin", "local", "partial: a client that missed rounds continues from "
+            "its own groups, or gets the server's full model.", choices=("local", "server")),
+    )
+
+    def __init__(self, *args: Any, partial_groups: int = 2, partial_grouping: str = "balanced",
+                 partial_rejoin: str = "local", **kwargs: Any) -> None:
+        kwargs["fraction_evaluate"] = 1.0  # every client reports its own model each round
+        kwargs["min_evaluate_nodes"] = 1
+        super().__init__(*args, **kwargs)
+        self.tau, self.rule, self.rejoin = partial_groups, partial_grouping, partial_rejoin
+        self.groups: list[list[str]] | None = None
+        self.full: dict | None = None
+        self.last_round_of: dict[int, int] = {}  # node -> last round it trained in
+
+    @classmethod
+    def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"partial_groups": int(config["partial-groups"]),
+                "partial_grouping": str(config["partial-grouping"]),
+                "partial_rejoin": str(config["partial-rejoin"])}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Any) -> Iterable[Message]:
+        if self.full is None:
+            self.full = arrays.to_torch_state_dict()
+            self.groups = partition_groups(self.full, self.tau, self.rule)
+        assert self.groups is not None
+        up = self.groups[group_for_round(server_round, self.tau)]
+        down = self.groups[group_for_round(server_round - 1, self.tau)] if server_round > 1 else []
+        config["keep-local-model"] = True
+        config["return-names"] = list(up)
+        messages = list(super().configure_train(
+            server_round, ArrayRecord(select(self.full, down)), config, grid))
+        # Replies carry the group synchronised this round, not the one that went down.
+        self.sent_arrays = ArrayRecord(select(self.full, up))
+        if self.rejoin == "server":
+            messages = [self._rejoin(m, server_round, config) for m in messages]
+        for m in messages:
+            self.last_round_of[m.metadata.dst_node_id] = server_round
+        return messages
+
+    def _rejoin(self, message: Message, server_round: int, config: ConfigRecord) -> Message:
+        node = message.metadata.dst_node_id
+        last = self.last_round_of.get(node, 0)
+        if last in (0, server_round - 1):  # never trained (starts from the shared init) or
+            return message                 # trained last round: nothing was missed
+        content = RecordDict({"arrays": ArrayRecord(self.full), "config": config})
+        return Message(content, node, message.metadata.message_type)
+
+    def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord:
+        states = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        self.full = merge(self.full, weighted_average(states, self.client_weights(replies)))
+        return ArrayRecord(self.full)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Any) -> Iterable[Message]:
+        config["evaluate-local-model"] = True
+        # The clients evaluate their own models; sending the global one would be wasted bytes.
+        return super().configure_evaluate(server_round, ArrayRecord(), config, grid)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"full": self.full, "groups": self.groups, "last_round_of": self.last_round_of}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.full, self.groups = state["full"], state["groups"]
+        self.last_round_of = dict(state["last_round_of"])
