@@ -24,16 +24,17 @@ Runs are resumable: a finished run (summary.json says completed) is not run agai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from fedwa.cli import FLOWER_ENV, mean_std, rounds_to_target, simulate
-from fedwa.config import resolve_config
+from fedwa.cli import FLOWER_ENV, rounds_to_target
 from fedwa.results import read_rounds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evidence_utils import cell, ensure_run, final, finished  # noqa: E402
 
 ROUNDS = 10
 IMWA_EPISODES = 5
@@ -79,40 +80,15 @@ ROWS = [
 ]
 
 
-def final(run_dir: Path, prefix: str, metric: str) -> float | None:
-    last = read_rounds(run_dir)[-1]
-    if prefix == "" or (prefix == "global_" and last.get("model") == "global"):
-        return last.get(metric)
-    return last.get(prefix + metric)
-
-
-def ensure_run(out: Path, name: str, seed: int) -> Path:
-    run_dir = out / f"{name}-s{seed}"
-    summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
-        return run_dir
-    if run_dir.exists():  # an interrupted run: keep it aside, never overwrite
-        run_dir.rename(run_dir.with_name(f"{run_dir.name}-interrupted-{int(time.time())}"))
-    run_dir.mkdir(parents=True)
-    config = resolve_config({**BASE, **RUNS[name], "seed": seed, "output-dir": str(out)})
-    started = time.time()
-    simulate(config, run_dir, show_progress=False)
-    print(f"{name} seed {seed}: {time.time() - started:.0f}s", flush=True)
-    return run_dir
-
-
 def table(out: Path, seeds: list[int]) -> str:
     lines = ["| method | seeds | final balanced acc (%) | final few-shot acc (%) | "
              "final acc (%) |", "|---|---|---|---|---|"]
     for label, name, prefix in ROWS:
-        dirs = [out / f"{name}-s{s}" for s in seeds if (out / f"{name}-s{s}" / "summary.json")
-                .exists()]
+        dirs = finished(out, name, seeds)
         if not dirs:
             continue
-        cells = []
-        for metric in ("balanced_accuracy", "few_shot_accuracy", "accuracy"):
-            mean, std, n = mean_std(final(d, prefix, metric) for d in dirs)
-            cells.append(f"{100 * mean:.2f} ± {100 * std:.2f}" if n else "n/a")
+        cells = [cell(final(d, prefix, metric) for d in dirs)
+                 for metric in ("balanced_accuracy", "few_shot_accuracy", "accuracy")]
         lines.append(f"| {label} | {len(dirs)} | " + " | ".join(cells) + " |")
     # Rounds HWA needs to reach FedAvg's final accuracy, seed by seed.
     reached = []
@@ -145,7 +121,7 @@ def main() -> int:
     if not args.table_only:
         for seed in seeds:  # seed-major: partial results already cover every method
             for name in names:
-                ensure_run(out, name, seed)
+                ensure_run(out, name, seed, {**BASE, **RUNS[name]})
     text = table(out, seeds)
     (out / "evidence.md").write_text(text)
     print(text)
