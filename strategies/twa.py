@@ -261,4 +261,6 @@ class TWAt(_TWA):
             return {"global": arrays}
         if server_round <= self.train_rounds:
             return {"swa": self.centre_arrays()}
+        if server_round < self.total_rounds():
+            return {"twa": arrays}  # the centre does not move: report it at the end only
         return {"twa": arrays, "swa": self.centre_arrays()}

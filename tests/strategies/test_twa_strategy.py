@@ -256,7 +256,10 @@ def test_first_gradient_step_is_the_projected_step(data):
     expected = expected_centre(base)
     expected["classifier.bias"] -= 0.45
     assert_arrays_close(arrays, expected, atol=1e-5)
-    models = s.models_to_evaluate(5, arrays)
+    # Between gradient rounds only the TWA point is evaluated (the centre does not move); the
+    # last round (4 + 3 = 7) reports the centre beside it.
+    assert list(s.models_to_evaluate(5, arrays)) == ["twa"]
+    models = s.models_to_evaluate(7, arrays)
     assert list(models) == ["twa", "swa"]
     assert models["twa"] is arrays
     assert_arrays_close(models["swa"], expected_centre(base), atol=1e-6)
