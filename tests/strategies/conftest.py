@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
@@ -16,3 +18,11 @@ def task_identity():  # noqa: ANN201
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(autouse=True)
+def keep_random_state():  # noqa: ANN201
+    """configure_train reseeds the global `random` module; leave it as it was."""
+    state = random.getstate()
+    yield
+    random.setstate(state)

@@ -1,7 +1,5 @@
 """HWA: the synchronisation period sent to clients and the offline window average."""
 
-import random
-
 import numpy as np
 import pytest
 from flwr.app import (
@@ -16,14 +14,6 @@ from flwr.app import (
 
 from fedwa.config import resolve_config
 from strategies import HWA, build_strategy
-
-
-@pytest.fixture(autouse=True)
-def keep_random_state():
-    """configure_train reseeds the global `random` module; leave it as it was."""
-    state = random.getstate()
-    yield
-    random.setstate(state)
 
 
 class FakeGrid:

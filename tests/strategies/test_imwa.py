@@ -1,7 +1,5 @@
 """IMWA: splitting the budget into episodes, what each episode's round sends, and the EMA."""
 
-import random
-
 import numpy as np
 import pytest
 from flwr.app import (
@@ -19,14 +17,6 @@ from fedwa.errors import ConfigError
 from fedwa.task import local_train_spec
 from strategies import IMWA, build_strategy
 from strategies.imwa import episode_lengths
-
-
-@pytest.fixture(autouse=True)
-def keep_random_state():
-    """configure_train reseeds the global `random` module; leave it as it was."""
-    state = random.getstate()
-    yield
-    random.setstate(state)
 
 
 class FakeGrid:

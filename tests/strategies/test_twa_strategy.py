@@ -4,8 +4,6 @@ Client replies are the run's real MLP (digits) with a few entries moved, so the 
 difference lies along ``classifier.bias`` only and every step can be worked out by hand.
 """
 
-import random
-
 import numpy as np
 import pytest
 import torch
@@ -19,14 +17,6 @@ from strategies.twa import GRADIENT_ACTION
 
 BASE_CONFIG = {"strategy": "twa-t", "dataset": "digits", "model": "mlp",
                "num-server-rounds": 4, "twa-rounds": 3}
-
-
-@pytest.fixture(autouse=True)
-def keep_random_state():
-    """configure_train reseeds the global `random` module; leave it as it was."""
-    state = random.getstate()
-    yield
-    random.setstate(state)
 
 
 @pytest.fixture(scope="module")
