@@ -242,6 +242,7 @@ def recompute_bn(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     passes: int = 0,
+    layers: Sequence[str] | None = None,
 ) -> nn.Module:
     """Recompute all BatchNorm running statistics of ``model`` on data ``x`` (central route).
 
@@ -262,6 +263,9 @@ def recompute_bn(
         the inputs it receives in eval mode. ``p > 0``: ``p`` passes that each measure all
         layers with the statistics of the previous pass -- exact only for layers that have
         fewer than ``p`` BN layers upstream.
+    layers : sequence of str, optional
+        Only these BN layers (in forward order), e.g. the BatchNorm copies of one late-phase
+        member, the others being unused by the forward pass; all when omitted.
 
     Returns
     -------
@@ -272,11 +276,12 @@ def recompute_bn(
         raise ValueError(f"passes must be >= 0, got {passes}")
     if passes == 0:
         # The exact central route is the federated one with a single client.
-        return federated_recompute_bn(model, [x], batch_size=batch_size, device=device)
+        return federated_recompute_bn(model, [x], batch_size=batch_size, device=device,
+                                      layers=layers)
     if has_batchnorm(model):
         for _ in range(passes):
             set_bn_stats(model, moments_to_stats(
-                bn_moments(model, x, batch_size=batch_size, device=device)))
+                bn_moments(model, x, batch_size=batch_size, device=device, layers=layers)))
     return model
 
 
@@ -286,6 +291,7 @@ def federated_recompute_bn(
     *,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    layers: Sequence[str] | None = None,
 ) -> nn.Module:
     """Simulate the federated exact recomputation in one process.
 
@@ -304,13 +310,16 @@ def federated_recompute_bn(
         Examples per forward pass on a client.
     device : torch.device or str, optional
         Where the forward passes run.
+    layers : sequence of str, optional
+        Only these BN layers (see :func:`recompute_bn`).
 
     Returns
     -------
     torch.nn.Module
         ``model`` itself.
     """
-    for name, _ in batchnorm_layers(model):
+    chosen = [name for name, _ in batchnorm_layers(model) if layers is None or name in layers]
+    for name in chosen:
         parts = [bn_moments(model, xk, batch_size=batch_size, device=device, layers=[name])
                  for xk in client_data]
         set_bn_stats(model, moments_to_stats(combine_moments(parts)))

@@ -18,6 +18,8 @@ from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
 from fedwa.metrics import evaluate_model
+from fedwa.late_phase import num_members, set_active, train_late_phase
+from fedwa.shadow import reseed_shadow
 from fedwa.task import federated_data, local_train_spec, make_model
 from fedwa.wsa import scope_kl, scope_regulariser
 from fedwa.training import (client_seed, configure_threads, local_gradient, resolve_device,
@@ -107,9 +109,16 @@ def train(message: Message, context: Context) -> Message:
     x, y = data.client_data(pid)
     server_round = int(round_config.get("server-round", 1))
     regulariser, targets = _regulariser(round_config)
-    stats = train_local(model, x, y, local_train_spec(config, round_config),
-                        seed=client_seed(int(config["seed"]), server_round, pid), device=device,
-                        regulariser=regulariser)
+    spec = local_train_spec(config, round_config)
+    seed = client_seed(int(config["seed"]), server_round, pid)
+    reseed_shadow(model, seed)  # shadow-weight transforms: a fresh, reproducible draw per round
+    if num_members(model) > 1:
+        # Late-phase weights: the members train apart once the run's progress passes the start.
+        late = spec.progress_start >= float(config["late-phase-start"]) - 1e-9
+        stats = train_late_phase(model, x, y, spec, seed=seed, device=device, late=late)
+    else:
+        stats = train_local(model, x, y, spec, seed=seed, device=device,
+                            regulariser=regulariser)
     model.to("cpu")
     state = model.state_dict()
     metrics = {
@@ -187,7 +196,10 @@ def batchnorm_moments(message: Message, context: Context) -> Message:
     this node's data, for the server to recompute the layer's statistics federatedly."""
     config, device, pid, data = _local_data(message, context)
     model = _load_model(config, data, message.content["arrays"])
-    layer = str(message.content["config"]["bn-layer"])
+    settings = message.content["config"]
+    layer = str(settings["bn-layer"])
+    if "bn-member" in settings:  # late-phase weights: measure that member's path
+        set_active(model, int(settings["bn-member"]))
     x, _ = data.client_data(pid)
     count, total, squares = bn_moments(model, x, layers=[layer], device=device,
                                        batch_size=int(config["eval-batch-size"]))[layer]

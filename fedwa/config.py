@@ -156,6 +156,16 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("lr-schedule", "constant", "Client lr over server rounds.", choices=("constant", "cosine")),
     Key("momentum", 0.9, "SGD momentum.", check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
     Key("weight-decay", 5e-4, "SGD weight decay.", check=at_least(0)),
+    Key("late-phase-k", 1, "Late-phase weights: members of every BN layer and the head "
+        "(1 = off).", check=at_least(1)),
+    Key("late-phase-start", 0.6, "Late-phase weights: fraction of the run after which the "
+        "members train apart.", check=half_open_fraction),
+    Key("was-layers", "", "Shadow weights (WAS) on these conv layers: 'all' or a "
+        "comma-separated list of names ('' = off)."),
+    Key("was-transform", "resize-crop", "Shadow weights: random kernel transform.",
+        choices=("resize-crop", "translate")),
+    Key("was-inference", "plain", "Shadow weights at inference: plain weights (accuracy-"
+        "oriented) or the scaled shadow path (desire-oriented).", choices=("plain", "shadow")),
     Key("device", "auto", "Where clients train: cuda when there is one (auto).",
         choices=("auto", "cpu", "cuda")),
     Key("client-cpus", 1.0, "CPUs per client, handed to the simulation backend.", check=positive),
@@ -249,6 +259,10 @@ def _check_together(config: Mapping[str, Scalar]) -> None:
     if config["bn-recompute"] == "central" and config["server-val-fraction"] <= 0:
         raise ConfigError("bn-recompute", "central", "federated, auto or off when "
                           "server-val-fraction is 0: central recomputation needs server data")
+    if config["late-phase-k"] > 1 and config["strategy"] in ("fedprox", "wsa"):
+        raise ConfigError("late-phase-k", config["late-phase-k"],
+                          f"1 with strategy {config['strategy']}: late-phase training has no "
+                          "proximal or scope term")
     if config["few-shot-max"] > config["many-shot-min"]:
         raise ConfigError("few-shot-max", config["few-shot-max"],
                           f"at most many-shot-min ({config['many-shot-min']})")

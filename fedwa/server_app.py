@@ -22,9 +22,10 @@ from fedwa.bn import (batchnorm_layers, combine_moments, has_batchnorm, moments_
 from fedwa.config import resolve_config
 from fedwa.errors import AllClientsFailedError
 from fedwa.grid import FedwaGrid
-from fedwa.metrics import evaluate_model
+from fedwa.late_phase import collapse_state, ensemble_logits, num_members, set_active
+from fedwa.metrics import classification_report, evaluate_model
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
-from fedwa.task import federated_data, make_model
+from fedwa.task import federated_data, make_model, make_plain_model
 from fedwa.training import configure_threads, resolve_device, round_lr
 from strategies import build_strategy
 from strategies.base import example_weighted
@@ -89,6 +90,14 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     return Path(run_dir)
 
 
+def member_bn_layers(model: torch.nn.Module, member: int | None) -> list[str]:
+    """BN layers in forward order; only late-phase member ``member``'s copies when given."""
+    names = [name for name, _ in batchnorm_layers(model)]
+    if member is None:
+        return names
+    return [n for n in names if n.endswith(f"members.{member}")]
+
+
 def total_rounds(strategy: Any, config: Mapping[str, Any]) -> int:
     """Rounds the strategy runs: its own count when it has one (IMWA episodes, TWA-t)."""
     counter = getattr(strategy, "total_rounds", None)
@@ -103,18 +112,21 @@ def bn_route(config: Mapping[str, Any]) -> str:
     return route
 
 
-def recompute_bn_federated(grid: FedwaGrid, model: torch.nn.Module, timeout: float = 600.0
-                           ) -> None:
+def recompute_bn_federated(grid: FedwaGrid, model: torch.nn.Module, timeout: float = 600.0,
+                           member: int | None = None) -> None:
     """Recompute ``model``'s BatchNorm statistics from the clients' data, layer by layer.
 
     For each BN layer in forward order the server sends the current model to every node; each
     returns the count, sum and sum of squares of that layer's input on its own data (eval
     mode), and the server sets mean and variance from the totals. The result equals one exact
     pass over the union of the clients' data (:func:`fedwa.bn.federated_recompute_bn`).
+    With late-phase weights, ``member`` selects the member whose BatchNorm copies are
+    recomputed (the clients run that member).
     """
-    for name, _ in batchnorm_layers(model):
+    for name in member_bn_layers(model, member):
+        settings = {"bn-layer": name, **({"bn-member": member} if member is not None else {})}
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                              "config": ConfigRecord({"bn-layer": name})})
+                              "config": ConfigRecord(settings)})
         messages = [Message(content, node, BN_MOMENTS_ACTION, group_id="bn")
                     for node in grid.get_node_ids()]
         parts, failures = [], []
@@ -147,6 +159,8 @@ class CentralEvaluator:
         self.x_test, self.y_test = data.test_data()
         self.last = time.perf_counter()
         self.route = bn_route(config) if has_batchnorm(model) else "off"
+        self.members = num_members(model)
+        self.plain = make_plain_model(config, data) if self.members > 1 else None
         self.final_state: dict[str, torch.Tensor] | None = None
 
     def prepare(self, name: str, arrays: ArrayRecord) -> str | None:
@@ -157,27 +171,55 @@ class CentralEvaluator:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         if name not in getattr(self.strategy, "recompute_bn", ()) or self.route == "off":
             return None
-        if self.route == "central":
-            x_val, _ = self.data.server_val()
-            recompute_bn(self.model, x_val, batch_size=int(self.config["eval-batch-size"]),
-                         device=self.device)
-        else:
-            recompute_bn_federated(self.grid, self.model)
+        # Late-phase weights: every member's BatchNorm copies get their own statistics.
+        members = [None] if self.members == 1 else list(range(self.members))
+        for member in members:
+            if member is not None:
+                set_active(self.model, member)
+            if self.route == "central":
+                x_val, _ = self.data.server_val()
+                recompute_bn(self.model, x_val, batch_size=int(self.config["eval-batch-size"]),
+                             device=self.device, layers=member_bn_layers(self.model, member))
+            else:
+                recompute_bn_federated(self.grid, self.model, member=member)
+        set_active(self.model, 0)
         return self.route
 
     def save_model(self) -> None:
-        """Save the last main evaluated model (BN recomputed where it was) as model.pt."""
-        if self.final_state is not None:
+        """Save the last main evaluated model (BN recomputed where it was) as model.pt; with
+        late-phase weights that is the collapsed model, and the members go to
+        model_members.pt."""
+        if self.final_state is None:
+            return
+        if self.members > 1:
+            torch.save(self.final_state, self.writer.run_dir / "model_members.pt")
+            torch.save(collapse_state(self.final_state, self.members),
+                       self.writer.run_dir / "model.pt")
+        else:
             torch.save(self.final_state, self.writer.run_dir / "model.pt")
 
     def evaluate(self) -> dict[str, Any]:
-        return evaluate_model(
-            self.model, self.x_test, self.y_test, num_classes=self.data.num_classes,
+        """Metrics of the loaded model; late-phase members are collapsed into one model, and
+        their ensemble is reported too (``ensemble_*``)."""
+        shots = {"shot_split": str(self.config["shot-split"]),
+                 "many_shot_min": int(self.config["many-shot-min"]),
+                 "few_shot_max": int(self.config["few-shot-max"])}
+        model = self.model
+        if self.members > 1:
+            self.plain.load_state_dict(collapse_state(self.model.state_dict(), self.members))
+            model = self.plain
+        report = evaluate_model(
+            model, self.x_test, self.y_test, num_classes=self.data.num_classes,
             train_class_counts=self.data.train_class_counts,
-            batch_size=int(self.config["eval-batch-size"]), device=self.device,
-            shot_split=str(self.config["shot-split"]),
-            many_shot_min=int(self.config["many-shot-min"]),
-            few_shot_max=int(self.config["few-shot-max"]))
+            batch_size=int(self.config["eval-batch-size"]), device=self.device, **shots)
+        if self.members > 1:
+            logits = ensemble_logits(self.model.to(self.device), self.x_test.to(self.device))
+            ensemble = classification_report(
+                logits.argmax(1).cpu().numpy(), self.y_test.numpy(), self.data.num_classes,
+                self.data.train_class_counts, **shots)
+            report.update({f"ensemble_{k}": ensemble[k] for k in
+                           ("accuracy", "balanced_accuracy", "few_shot_accuracy")})
+        return report
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         round_seconds = time.perf_counter() - self.last

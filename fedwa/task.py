@@ -12,7 +12,10 @@ from typing import Any
 from torch import nn
 
 from fedwa.data import FederatedData, build_federated_data
+from fedwa.errors import ConfigError
+from fedwa.late_phase import add_late_phase
 from fedwa.models import build_model
+from fedwa.shadow import add_shadow_weights
 from fedwa.training import LocalTrainSpec
 
 
@@ -33,10 +36,26 @@ def federated_data(config: Mapping[str, Any]) -> FederatedData:
     )
 
 
+def make_plain_model(config: Mapping[str, Any], data: FederatedData) -> nn.Module:
+    """The model as it is evaluated: shadow-weight convs if any, one copy of every layer."""
+    model = build_model(str(config["model"]), data.input_shape, data.num_classes,
+                        seed=int(config["seed"]), width=int(config["model-width"]))
+    layers = str(config.get("was-layers", ""))
+    if layers:
+        selected = "all" if layers == "all" else [n.strip() for n in layers.split(",")]
+        try:
+            add_shadow_weights(model, selected, str(config["was-transform"]),
+                               str(config["was-inference"]), seed=int(config["seed"]))
+        except ValueError as err:
+            raise ConfigError("was-layers", layers, str(err)) from None
+    return model
+
+
 def make_model(config: Mapping[str, Any], data: FederatedData) -> nn.Module:
-    """The run's model, initialised from the run seed (the shared initialisation)."""
-    return build_model(str(config["model"]), data.input_shape, data.num_classes,
-                       seed=int(config["seed"]), width=int(config["model-width"]))
+    """The run's model as it trains and travels, initialised from the run seed (the shared
+    initialisation): with ``late-phase-k`` members of every BN layer and the head."""
+    model = make_plain_model(config, data)
+    return add_late_phase(model, int(config.get("late-phase-k", 1)))
 
 
 def local_train_spec(config: Mapping[str, Any], round_config: Mapping[str, Any]) -> LocalTrainSpec:
