@@ -43,9 +43,9 @@ RUNS = {
 ROWS = [  # label, run, metric prefix
     ("FedAvg, plain", "swa-plain", "global_"),
     ("FedAvg, late-phase K=4", "swa-late", "global_"),
-    ("FedAvg, late-phase K=4, members' ensemble", "swa-late", "global_ensemble_"),
     ("SWA, plain", "swa-plain", ""),
     ("SWA, late-phase K=4", "swa-late", ""),
+    ("SWA, late-phase K=4, members' ensemble", "swa-late", "ensemble_"),
     ("FedAvg, shadow weights", "fedavg-shadow", ""),
 ]
 
@@ -64,10 +64,6 @@ def table(out: Path, seeds: list[int]) -> str:
         dirs = finished(out, name, seeds)
         if not dirs:
             continue
-        if prefix == "global_ensemble_":  # SWA's last round reports the global model's ensemble
-            prefix = "ensemble_" if read_rounds(dirs[0])[-1]["model"] == "global" else None
-            if prefix is None:
-                continue
         ratios = []
         for d in dirs:
             plain = out / d.name.replace(name, "swa-plain")
