@@ -36,7 +36,15 @@ def run(tmp_path: Path, name: str, **overrides: object) -> Path:
 
 
 def without_timing(rounds: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rounds]
+    """Records without wall-clock times (the server's and the clients')."""
+    out = []
+    for r in rounds:
+        r = {k: v for k, v in r.items() if k not in TIMING_KEYS}
+        if r.get("client_train"):
+            r["client_train"] = {k: v for k, v in r["client_train"].items()
+                                 if k not in ("train-seconds", "seconds")}
+        out.append(r)
+    return out
 
 
 @pytest.fixture(scope="module")
