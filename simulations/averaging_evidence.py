@@ -24,17 +24,15 @@ Runs are resumable: a finished run (summary.json says completed) is not run agai
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from fedwa.cli import FLOWER_ENV, rounds_to_target
+from fedwa.cli import rounds_to_target
 from fedwa.results import read_rounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_utils import cell, ensure_run, final, finished  # noqa: E402
+from evidence_utils import cell, evidence_main, final, finished  # noqa: E402
 
 ROUNDS = 10
 IMWA_EPISODES = 5
@@ -106,26 +104,12 @@ def table(out: Path, seeds: list[int]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--out", default="runs/evidence")
-    parser.add_argument("--only", help="comma-separated run names (default: all)")
-    parser.add_argument("--table-only", action="store_true")
-    args = parser.parse_args()
-    for name, value in FLOWER_ENV.items():
-        os.environ.setdefault(name, value)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    names = args.only.split(",") if args.only else list(RUNS)
-    if not args.table_only:
-        for seed in seeds:  # seed-major: partial results already cover every method
-            for name in names:
-                ensure_run(out, name, seed, {**BASE, **RUNS[name]})
-    text = table(out, seeds)
-    (out / "evidence.md").write_text(text)
-    print(text)
-    return 0
+    def plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+        names = args.only.split(",") if args.only else list(RUNS)
+        return [(name, {**BASE, **RUNS[name]}) for name in names]
+
+    return evidence_main(__doc__, "runs/evidence", plan, table,
+                         {"--only": "comma-separated run names (default: all)"})
 
 
 if __name__ == "__main__":

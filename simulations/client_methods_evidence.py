@@ -21,16 +21,13 @@ against plain training in the same seed's plain run.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
-from fedwa.cli import FLOWER_ENV
 from fedwa.results import read_rounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_utils import cell, ensure_run, final, finished  # noqa: E402
+from evidence_utils import cell, evidence_main, final, finished  # noqa: E402
 
 ROUNDS = 10
 BASE = {"dataset": "fashion-mnist", "model": "cnn", "imbalance-ratio": 10.0,
@@ -80,24 +77,8 @@ def table(out: Path, seeds: list[int]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--out", default="runs/client-methods")
-    parser.add_argument("--table-only", action="store_true")
-    args = parser.parse_args()
-    for name, value in FLOWER_ENV.items():
-        os.environ.setdefault(name, value)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.table_only:
-        for seed in seeds:
-            for name, overrides in RUNS.items():
-                ensure_run(out, name, seed, {**BASE, **overrides})
-    text = table(out, seeds)
-    (out / "evidence.md").write_text(text)
-    print(text)
-    return 0
+    return evidence_main(__doc__, "runs/client-methods",
+                         lambda args: [(n, {**BASE, **o}) for n, o in RUNS.items()], table)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from fedwa.cli import FLOWER_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence_utils import cell, ensure_run, final, finished  # noqa: E402
+from evidence_utils import cell, evidence_main, final, finished  # noqa: E402
 
 ROUNDS = 10
 SETTINGS = {f"a{alpha:g}-rho{rho:g}": {"dirichlet-alpha": alpha, "imbalance-ratio": rho}
@@ -69,28 +67,13 @@ def table(out: Path, seeds: list[int]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--out", default="runs/partial-wsa")
-    parser.add_argument("--settings", help="comma-separated subset of " + ", ".join(SETTINGS))
-    parser.add_argument("--table-only", action="store_true")
-    args = parser.parse_args()
-    for name, value in FLOWER_ENV.items():
-        os.environ.setdefault(name, value)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    settings = args.settings.split(",") if args.settings else list(SETTINGS)
-    if not args.table_only:
-        for seed in seeds:
-            for setting in settings:
-                for key, (_, overrides) in METHODS.items():
-                    ensure_run(out, f"{setting}-{key}", seed,
-                               {**BASE, **SETTINGS[setting], **overrides})
-    text = table(out, seeds)
-    (out / "evidence.md").write_text(text)
-    print(text)
-    return 0
+    def plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+        settings = args.settings.split(",") if args.settings else list(SETTINGS)
+        return [(f"{setting}-{key}", {**BASE, **SETTINGS[setting], **overrides})
+                for setting in settings for key, (_, overrides) in METHODS.items()]
+
+    return evidence_main(__doc__, "runs/partial-wsa", plan, table,
+                         {"--settings": "comma-separated subset of " + ", ".join(SETTINGS)})
 
 
 if __name__ == "__main__":
