@@ -56,6 +56,17 @@ def for_strategy(overrides: Mapping[str, Any], strategy: str, seed: int | None =
     return picked
 
 
+def set_log_levels(verbose: bool) -> None:
+    """Flower's logs only with ``--verbose``.
+
+    Flower logs a failed ServerApp with a traceback (fedwa reports it as one line; a genuine
+    bug still raises with its traceback) and warns about settings fedwa makes on purpose, such
+    as FedAvg's ``fraction_evaluate = 0``.
+    """
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    logging.getLogger("fedwa").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def check_runnable(config: Mapping[str, Any]) -> None:
     """Everything that can be checked before an engine starts: data files and the partition."""
     from fedwa.errors import DataNotFoundError
@@ -117,33 +128,26 @@ class Progress:
 
 def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = True,
              label: str | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Run one validated config through Flower's simulation engine; return its summary."""
+    """Run one validated config on its simulation backend; return its summary.
+
+    ``backend = local`` drives the ServerApp and ClientApp in this process
+    (:mod:`fedwa.local_backend`); ``ray`` hands them to Flower's simulation engine.
+    """
     for name, value in FLOWER_ENV.items():
         os.environ.setdefault(name, value)
     # Imported here so that `fedwa --help` and config errors stay fast.
-    from flwr.simulation import run_simulation
-
     from fedwa.client_app import app as client_app
-    from fedwa.server_app import build_server_app
-
-    # Flower logs a failed ServerApp with a traceback; fedwa reports it as one line instead
-    # (and a genuine bug still raises with its traceback).
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.CRITICAL)
-    logging.getLogger("fedwa").setLevel(logging.INFO if verbose else logging.WARNING)
-    cpus = float(config["client-cpus"])
-    backend_config = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": float(config["client-gpus"])},
-        "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus + 0.999)),
-                      "include_dashboard": False, "logging_level": "ERROR"},
-    }
-    from fedwa.server_app import total_rounds
+    from fedwa.server_app import build_server_app, total_rounds
     from strategies import build_strategy
 
+    set_log_levels(verbose)
     rounds = total_rounds(build_strategy(config), config)
+    server_app = build_server_app(config, run_dir)
     with Progress(run_dir, rounds, label or run_dir.name, show_progress):
-        run_simulation(server_app=build_server_app(config, run_dir), client_app=client_app,
-                       num_supernodes=int(config["num-clients"]),
-                       backend_config=backend_config, verbose_logging=verbose)
+        if config["backend"] == "local":
+            _run_local(server_app, client_app, config)
+        else:
+            _run_ray(server_app, client_app, config, verbose)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise FedwaError(f"the run stopped before writing {summary_path}; see the log above")
@@ -153,8 +157,37 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
     return summary
 
 
+def _run_local(server_app: Any, client_app: Any, config: Mapping[str, Any]) -> None:
+    from fedwa.local_backend import run_in_process
+
+    try:
+        run_in_process(server_app, client_app, int(config["num-clients"]),
+                       seed=int(config["seed"]))
+    except FedwaError:
+        # Already recorded in summary.json (status failed), which simulate() reports as one
+        # line, as with Ray, whose engine swallows the ServerApp's exception. Anything else is
+        # a bug and keeps its traceback.
+        pass
+
+
+def _run_ray(server_app: Any, client_app: Any, config: Mapping[str, Any],
+             verbose: bool) -> None:
+    from flwr.simulation import run_simulation
+
+    cpus = float(config["client-cpus"])
+    backend_config = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": float(config["client-gpus"])},
+        "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus + 0.999)),
+                      "include_dashboard": False, "logging_level": "ERROR"},
+    }
+    run_simulation(server_app=server_app, client_app=client_app,
+                   num_supernodes=int(config["num-clients"]),
+                   backend_config=backend_config, verbose_logging=verbose)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = resolve_config(gather_overrides(args.config, args.set))
+    set_log_levels(args.verbose)
     check_runnable(config)
     run_dir = unique_dir(config["output-dir"], config["run-name"] or default_run_name(config))
     summary = simulate(config, run_dir, show_progress=not args.quiet, verbose=args.verbose)
@@ -233,6 +266,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # Validate every run before starting the first, so a typo does not cost an hour.
     plan = [(s, seed, resolve_config(for_strategy(overrides, s, seed)))
             for s in strategies for seed in seeds]
+    set_log_levels(getattr(args, "verbose", False))
     for _, _, config in plan[:: len(seeds)]:
         check_runnable(config)
     out = unique_dir(plan[0][2]["output-dir"], args.name or

@@ -168,8 +168,12 @@ CORE_KEYS: tuple[Key, ...] = (
         "oriented) or the scaled shadow path (desire-oriented).", choices=("plain", "shadow")),
     Key("device", "auto", "Where clients train: cuda when there is one (auto).",
         choices=("auto", "cpu", "cuda")),
-    Key("client-cpus", 1.0, "CPUs per client, handed to the simulation backend.", check=positive),
-    Key("client-gpus", 0.0, "GPUs per client (fractions share a card).", check=at_least(0)),
+    Key("backend", "local", "Simulation backend of `fedwa run`: ClientApps in this process "
+        "(local, no start-up cost) or Flower's Ray engine (ray: parallel clients, several "
+        "machines).", choices=("local", "ray")),
+    Key("client-cpus", 1.0, "CPUs per client, handed to the Ray backend.", check=positive),
+    Key("client-gpus", 0.0, "GPUs per client (fractions share a card; Ray backend).",
+        check=at_least(0)),
     Key("eval-batch-size", 1024, "Batch size of evaluation.", check=at_least(1)),
     Key("bn-recompute", "auto", "How averaged models get fresh BatchNorm statistics: on the "
         "server validation split, federated over the clients' data, or not at all (auto = "

@@ -1,4 +1,7 @@
-"""End-to-end: real Flower simulations (Ray backend) on real data, through the CLI's runner."""
+"""End-to-end: real Flower runs on real data, through the CLI's runner.
+
+Runs use the default in-process backend; the Ray backend is run where the two must agree.
+"""
 
 from __future__ import annotations
 
@@ -82,6 +85,12 @@ def test_same_config_and_seed_give_identical_metrics(fedavg_run: Path, tmp_path:
     assert without_timing(read_rounds(again)) == without_timing(read_rounds(fedavg_run))
 
 
+def test_the_ray_backend_gives_the_same_metrics(fedavg_run: Path, tmp_path: Path) -> None:
+    on_ray = run(tmp_path, "ray", backend="ray")
+    assert json.loads((on_ray / "config.json").read_text())["backend"] == "ray"
+    assert without_timing(read_rounds(on_ray)) == without_timing(read_rounds(fedavg_run))
+
+
 def test_other_seed_gives_other_metrics(fedavg_run: Path, tmp_path: Path) -> None:
     other = run(tmp_path, "other", **{"num-server-rounds": 1, "seed": 1})
     assert read_rounds(other)[1]["accuracy"] != read_rounds(fedavg_run)[1]["accuracy"]
@@ -149,9 +158,10 @@ class ExplodingLrForOne(_Faulty):
         return Message(content, node, message.metadata.message_type)
 
 
-def test_a_failing_client_is_left_out_and_the_round_goes_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_failing_client_is_left_out_and_the_round_goes_on(tmp_path: Path, backend: str) -> None:
     rounds = read_rounds(run(tmp_path, "one", **{"strategy": f"{__name__}:UnknownActionForOne",
-                                                 "num-server-rounds": 2}))
+                                                 "num-server-rounds": 2, "backend": backend}))
     assert [(r["clients_ok"], r["clients_failed"]) for r in rounds[1:]] == [(3, 1), (3, 1)]
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
 

@@ -52,9 +52,10 @@ class KeepsLocalModels(PartialAveraging):
         return super().configure_evaluate(server_round, arrays, config, grid)
 
 
-def test_partial_sends_one_group_and_clients_keep_the_rest(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["local", "ray"])  # node state lives in Ray actors too
+def test_partial_sends_one_group_and_clients_keep_the_rest(tmp_path: Path, backend: str) -> None:
     overrides = {"strategy": f"{__name__}:KeepsLocalModels", "partial-groups": 2,
-                 "num-server-rounds": 3}
+                 "num-server-rounds": 3, "backend": backend}
     rounds = read_rounds(run(tmp_path, "partial2", **overrides))
     config = resolve_config({**SMALL, **overrides})
     data = federated_data(config)

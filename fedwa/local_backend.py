@@ -1,0 +1,180 @@
+"""The ``local`` simulation backend: Flower's ServerApp and ClientApp in one process, no Ray.
+
+:class:`InProcessGrid` implements Flower's :class:`~flwr.serverapp.Grid` interface. Each
+message the strategy pushes is handed to the ClientApp at once, in this process, with that
+node's :class:`~flwr.app.Context`; the reply waits to be pulled. The ServerApp, ClientApp and
+strategies are the very objects the Ray backend and the Deployment Engine run: only the
+transport differs.
+
+Why it exists: Flower's Ray simulation costs about 6 s of start-up (Ray plus actors importing
+torch), ~0.3 s per round and 1-2 GiB of RAM on these machines. Sweeps of short runs spend most
+of their time there. In one process a run costs what its training costs.
+
+What it emulates, and how
+-------------------------
+- **Serialisation boundary.** Every instruction's content is deep-copied before the ClientApp
+  sees it, as if it had crossed the wire: a ClientApp that mutates its input cannot change the
+  server's copy or another node's message.
+- **Node identity.** Node ids are drawn from a seeded generator; each node's
+  ``node_config`` holds ``partition-id`` and ``num-partitions``, as in Flower's simulation.
+- **Node state.** ``Context.state`` lives as long as the grid, one per node, as in Flower.
+- **Failures.** An exception in the ClientApp becomes an error reply (code
+  ``CLIENT_APP_RAISED_EXCEPTION``), as Flower's simulation engine does; the run goes on.
+- **Not emulated.** Timeouts: clients run one after another in this process, so a client
+  cannot be cut off mid-round. Memory: nodes that are not training hold only their
+  ``Context.state``; nothing else of theirs is resident.
+
+Flower internals
+----------------
+Flower's ``Message`` constructor reads the sender's identity from
+``flwr.supercore.task_identity.TaskIdentity``, which the Ray simulation sets for the server
+process; :func:`run_in_process` sets it the same way. That, ``SUPERLINK_NODE_ID`` and
+``Run.create_empty`` are not public API: pyproject pins the flwr versions this was checked
+with, and ``tests/test_local_backend.py`` fails loudly if they move.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+log = logging.getLogger("fedwa")
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process.
+
+    Parameters
+    ----------
+    client_app : flwr.clientapp.ClientApp
+        The ClientApp every node runs.
+    num_nodes : int
+        Number of nodes; node ``i`` gets ``partition-id = i``.
+    seed : int, optional
+        Seed of the run id and the node ids (Flower draws them at random too).
+    run_config : mapping, optional
+        What ``context.run_config`` holds on every node (Flower's simulation passes the app's
+        config here; fedwa sends its resolved config with every message instead).
+    copy_messages : bool, optional
+        Deep-copy each instruction's content before the ClientApp reads it (the default), so
+        nothing is shared across the would-be wire.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0,
+                 run_config: Mapping[str, Any] | None = None,
+                 copy_messages: bool = True) -> None:
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+        rng = random.Random(seed)
+        self.client_app = client_app
+        self.copy_messages = copy_messages
+        self._run = Run.create_empty(run_id=rng.getrandbits(63))
+        self.contexts: dict[int, Context] = {}
+        while len(self.contexts) < num_nodes:
+            node_id = rng.getrandbits(63)
+            if node_id in self.contexts or node_id == SUPERLINK_NODE_ID:
+                continue
+            self.contexts[node_id] = Context(
+                run_id=self._run.run_id, node_id=node_id,
+                node_config={"partition-id": len(self.contexts), "num-partitions": num_nodes},
+                state=RecordDict(), run_config=dict(run_config or {}))
+        self._replies: dict[str, Message] = {}
+        self.messages_handled = 0
+
+    # --- the Grid interface -------------------------------------------------------------------
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            message_id = uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
+            self._replies[message_id] = self._deliver(message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        # Every reply exists once push_messages returns, so there is nothing to wait for.
+        return self.pull_messages(self.push_messages(messages))
+
+    # --- delivery -----------------------------------------------------------------------------
+
+    def _deliver(self, message: Message) -> Message:
+        node_id = message.metadata.dst_node_id
+        context = self.contexts.get(node_id)
+        if context is None:
+            return self._error(message, ErrorCode.NODE_UNAVAILABLE, f"no node {node_id}")
+        delivered = _copy_instruction(message) if self.copy_messages else message
+        self.messages_handled += 1
+        try:
+            reply = self.client_app(delivered, context)
+        except Exception as error:  # noqa: BLE001 - a node's failure is its reply, as in Flower
+            log.debug("node %d raised:\n%s", node_id, traceback.format_exc())
+            return self._error(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                               f"{type(error)}:<'{error}'>")
+        reply.metadata.__dict__["_message_id"] = uuid4().hex
+        return reply
+
+    @staticmethod
+    def _error(message: Message, code: int, reason: str) -> Message:
+        reply = Message(Error(code=code, reason=reason), reply_to=message)
+        reply.metadata.__dict__["_message_id"] = uuid4().hex
+        return reply
+
+
+def _copy_instruction(message: Message) -> Message:
+    """The message with its content deep-copied and the same metadata (what the wire does)."""
+    clone = copy.copy(message)
+    clone.__dict__["_content"] = copy.deepcopy(message.content)
+    return clone
+
+
+def run_in_process(server_app: ServerApp, client_app: ClientApp, num_nodes: int, *,
+                   seed: int = 0, run_config: Mapping[str, Any] | None = None) -> InProcessGrid:
+    """Run ``server_app`` against ``num_nodes`` in-process ClientApps; return the grid.
+
+    The caller's ``TaskIdentity`` is restored afterwards, so tests and notebooks can run
+    several federations in one process.
+    """
+    grid = InProcessGrid(client_app, num_nodes, seed=seed, run_config=run_config)
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    # What the Ray simulation sets in the server process before the ServerApp starts.
+    TaskIdentity.run_id = grid.run.run_id
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    try:
+        server_app(grid, Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID,
+                                 node_config={}, state=RecordDict(),
+                                 run_config=dict(run_config or {})))
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    return grid
