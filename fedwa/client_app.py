@@ -167,6 +167,62 @@ def evaluate(message: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
+@app.train("merge")
+def merge(message: Message, context: Context) -> Message:
+    """Decentralized round (DIMAT, gossip): merge the neighbours' models into this node's own,
+    aligned first for DIMAT, then train; the node keeps its model in ``context.state``."""
+    from fedwa.decentralized import merge_and_train, neighbour_key, stratified_subset
+
+    started = time.perf_counter()
+    config, device, pid, data = _local_data(message, context)
+    round_config = dict(message.content["config"])
+    node_seed = int(round_config["node-seed"])
+
+    def node_model() -> torch.nn.Module:
+        return make_model({**config, "seed": node_seed}, data)
+
+    own = node_model()  # round 1: the node's own initialisation (shared or its own seed)
+    if LOCAL_MODEL_KEY in context.state.array_records:
+        own.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
+    ids = [int(j) for j in round_config["neighbours"]]
+    neighbours = {j: message.content[neighbour_key(j)].to_torch_state_dict() for j in ids}
+    x, y = data.client_data(pid)
+    server_round = int(round_config["server-round"])
+    seed = client_seed(int(config["seed"]), server_round, pid)
+    evaluate_merged = None
+    if round_config.get("evaluate-merged"):
+        x_test, y_test = data.test_data()
+        idx = stratified_subset(y_test, int(round_config["eval-examples"]), int(config["seed"]))
+
+        def evaluate_merged(model: torch.nn.Module) -> dict[str, Any]:
+            return evaluate_model(model, x_test[idx], y_test[idx],
+                                  num_classes=data.num_classes,
+                                  train_class_counts=data.train_class_counts,
+                                  batch_size=int(config["eval-batch-size"]), device=device)
+
+    stats = merge_and_train(own, neighbours, round_config, x, y,
+                            local_train_spec(config, round_config), seed=seed,
+                            make_model=node_model, device=device,
+                            bn_batch_size=int(config["eval-batch-size"]),
+                            evaluate_merged=evaluate_merged)
+    own.to("cpu")
+    state = own.state_dict()
+    context.state[LOCAL_MODEL_KEY] = ArrayRecord(state)
+    metrics = {
+        "num-examples": len(x), "partition-id": pid, "train-loss": stats["loss"],
+        "train-steps": stats["steps"], "train-seconds": stats["seconds"],
+        "align-seconds": stats["align-seconds"], "merge-seconds": stats["merge-seconds"],
+        **{k: stats[k] for k in ("merged-accuracy", "merged-balanced-accuracy") if k in stats},
+        # What arrived, so tests (and users) can check the relay: sender ids and checksums.
+        "received-from": ids,
+        "received-sums": [float(sum(t.double().sum() for t in neighbours[j].values()
+                                    if t.is_floating_point())) for j in ids],
+        "seconds": time.perf_counter() - started,
+    }
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
+                   reply_to=message)
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Handshake: tell the server this node's partition and what it holds."""

@@ -123,7 +123,7 @@ def closed_fraction(value: float) -> str | None:
 # Names are listed here rather than imported, so reading the config never imports torch.
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
 MODELS = ("mlp", "cnn", "resnet20", "resnet32")
-PARTITIONS = ("iid", "dirichlet", "shards", "replicas")
+PARTITIONS = ("iid", "dirichlet", "shards", "replicas", "classes")
 
 CORE_KEYS: tuple[Key, ...] = (
     Key("dataset", "digits", "Dataset.", choices=DATASETS),

@@ -69,9 +69,11 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     writer.write("config.json", config)
     writer.write("partition.json", data.summary())
     fedwa_grid = FedwaGrid(grid, config)
-    evaluator = CentralEvaluator(config, data, model, device, strategy, fedwa_grid, writer)
     log.info("fedwa: %s on %s, %d clients, %d rounds -> %s", config["strategy"],
              config["dataset"], config["num-clients"], config["num-server-rounds"], run_dir)
+    if getattr(strategy, "decentralized", False):
+        return _run_decentralized(fedwa_grid, config, strategy, data, device, writer)
+    evaluator = CentralEvaluator(config, data, model, device, strategy, fedwa_grid, writer)
     try:
         strategy.start(
             grid=fedwa_grid,
@@ -88,6 +90,28 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     evaluator.save_model()
     writer.finish("completed")
     return Path(run_dir)
+
+
+def _run_decentralized(grid: FedwaGrid, config: Mapping[str, Any], strategy: Any, data: Any,
+                       device: torch.device, writer: ResultsWriter) -> Path:
+    """No global model: the relay loop of :mod:`fedwa.decentralized`. Saves every node's
+    final model (``node_models.pt``) and their plain average (``model.pt``)."""
+    from fedwa.alignment import merge_aligned
+    from fedwa.decentralized import run_decentralized
+
+    def node_model(seed: int) -> torch.nn.Module:
+        return make_model({**config, "seed": seed}, data)
+
+    try:
+        models = run_decentralized(grid, config, strategy, data, node_model, device, writer)
+    except BaseException as err:
+        writer.finish("failed", {"error": f"{type(err).__name__}: {err}"})
+        raise
+    torch.save(models, writer.run_dir / "node_models.pt")
+    torch.save(merge_aligned([models[p] for p in sorted(models)], [1.0] * len(models)),
+               writer.run_dir / "model.pt")
+    writer.finish("completed")
+    return writer.run_dir
 
 
 def member_bn_layers(model: torch.nn.Module, member: int | None) -> list[str]:

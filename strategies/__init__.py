@@ -13,6 +13,7 @@ from typing import Any
 
 from fedwa.errors import ConfigError
 from strategies.base import FedwaStrategy
+from strategies.decentralized import DIMAT, DecentralizedStrategy, Gossip
 from strategies.fedavg import FedAvg
 from strategies.flower import FedAdam, FedAvgM, FedProx
 from strategies.hwa import HWA
@@ -35,10 +36,12 @@ REGISTRY: dict[str, type] = {
     "twa-t": TWAt,
     "partial": PartialAveraging,
     "wsa": WSA,
+    "dimat": DIMAT,
+    "gossip": Gossip,
 }
 
-__all__ = ["REGISTRY", "EMA", "HWA", "IMWA", "SWA", "FedAvg", "FedAdam", "FedAvgM", "FedProx",
-           "FedwaStrategy", "PartialAveraging", "TWAt", "TWAv", "WSA",
+__all__ = ["REGISTRY", "DIMAT", "EMA", "HWA", "IMWA", "SWA", "DecentralizedStrategy", "FedAvg",
+           "FedAdam", "FedAvgM", "FedProx", "FedwaStrategy", "Gossip", "PartialAveraging", "TWAt", "TWAv", "WSA",
            "build_strategy", "resolve_strategy_class"]
 
 
@@ -60,8 +63,9 @@ def resolve_strategy_class(name: str) -> type:
                           f"{class_name})")
     from flwr.serverapp.strategy import Strategy
 
-    if not issubclass(cls, Strategy):
-        raise ConfigError("strategy", name, "a subclass of flwr.serverapp.strategy.Strategy")
+    if not issubclass(cls, (Strategy, DecentralizedStrategy)):
+        raise ConfigError("strategy", name, "a subclass of flwr.serverapp.strategy.Strategy "
+                          "or of strategies.DecentralizedStrategy")
     return cls
 
 

@@ -108,7 +108,7 @@ def test_unknown_registered_strategy():
     err = resolve_error({"strategy": "fedfoo"})
     check_error(err, "strategy", "'fedfoo'",
                 "one of fedavg, fedavgm, fedprox, fedadam, imwa, hwa, swa, ema, twa-v, twa-t, "
-                "partial, wsa, or an import path module:Class")
+                "partial, wsa, dimat, gossip, or an import path module:Class")
 
 
 def test_strategy_path_missing_module():

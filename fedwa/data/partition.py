@@ -9,7 +9,7 @@ import numpy as np
 
 from fedwa.errors import ConfigError
 
-PARTITION_NAMES = ("iid", "dirichlet", "shards", "replicas")
+PARTITION_NAMES = ("iid", "dirichlet", "shards", "replicas", "classes")
 DIRICHLET_MAX_DRAWS = 100
 
 
@@ -64,7 +64,7 @@ def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, seed: i
         Integer labels of the pool, shape ``[N]``.
     num_clients : int
         Number of clients, at least 1 and (except for ``replicas``) at most ``N``.
-    scheme : {"iid", "dirichlet", "shards", "replicas"}
+    scheme : {"iid", "dirichlet", "shards", "replicas", "classes"}
         ``iid``: a seeded shuffle cut into sizes that differ by at most 1.
         ``dirichlet``: each class is split by proportions drawn from
         ``Dir(alpha * 1)``; redrawn until every client has `min_size` examples.
@@ -73,6 +73,8 @@ def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, seed: i
         at most 1) and each client gets `shards_per_client` random shards.
         ``replicas``: every client holds all examples, each in its own seeded
         order (the setting of IMWA: same data, different order).
+        ``classes``: class-disjoint, class ``c`` goes whole to client ``c mod num_clients``
+        (DIMAT's non-IID setting); needs at least as many classes present as clients.
     seed : int
         Seed of ``numpy.random.default_rng``; the same inputs give the same output.
     dirichlet_alpha : float
@@ -108,6 +110,13 @@ def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, seed: i
 
     if scheme == "replicas":
         return [rng.permutation(n).astype(np.int64) for _ in range(num_clients)]
+    if scheme == "classes":
+        present = np.unique(labels)
+        if num_clients > len(present):
+            raise ConfigError("num-clients", num_clients, f"at most {len(present)} with the "
+                              f"classes partition (one class or more per client)")
+        return [np.flatnonzero(np.isin(labels, present[present % num_clients == k]))
+                .astype(np.int64) for k in range(num_clients)]
     if scheme == "iid":
         clients = _iid(n, num_clients, rng)
     elif scheme == "dirichlet":

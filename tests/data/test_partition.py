@@ -89,7 +89,7 @@ def test_dirichlet_gives_up_after_100_draws():
     assert "fewer than 10 examples in 100 draws" in str(err.value)
 
 
-@pytest.mark.parametrize("scheme", PARTITION_NAMES)
+@pytest.mark.parametrize("scheme", [s for s in PARTITION_NAMES if s != "classes"])
 def test_seeded(scheme):
     a = partition_indices(LABELS, 5, scheme, seed=11)
     b = partition_indices(LABELS, 5, scheme, seed=11)
@@ -121,3 +121,25 @@ def test_errors_name_their_key(kwargs, key):
 def test_too_many_clients_message():
     with pytest.raises(ConfigError, match=r"at most 103 \(the number of training examples\)"):
         partition_indices(LABELS, 200, "shards", seed=0)
+
+
+def test_classes_give_class_c_to_client_c_mod_n():
+    labels = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4])
+    parts = partition_indices(labels, 2, "classes", seed=0)
+    # Client 0: classes 0, 2, 4; client 1: classes 1, 3.
+    assert parts[0].tolist() == [0, 2, 4, 5, 7, 9, 10]
+    assert parts[1].tolist() == [1, 3, 6, 8]
+    assert [sorted(set(labels[p])) for p in partition_indices(labels, 5, "classes", 0)] == \
+        [[0], [1], [2], [3], [4]]
+
+
+def test_classes_need_a_class_per_client():
+    with pytest.raises(ConfigError) as err:
+        partition_indices(np.array([0, 1, 0, 1]), 3, "classes", seed=0)
+    assert err.value.key == "num-clients" and "at most 2" in str(err.value)
+
+
+def test_classes_ignore_the_seed():
+    # Deterministic by definition: nothing is drawn.
+    a = partition_indices(LABELS, 5, "classes", seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, partition_indices(LABELS, 5, "classes", 2)))
