@@ -14,8 +14,9 @@ A client that missed rounds (``fraction-train < 1``) rejoins, by ``partial-rejoi
 own freshest copy of every group (``local``: nothing extra is sent) or from the server's latest
 average of every group (``server``: the full model is sent to it, and counted in bytes).
 
-The server keeps the latest average of every group; that model is evaluated. Every round the
-clients also evaluate their own kept models on the test set (``clients_local_accuracy``).
+The server keeps the latest average of every group; that model is evaluated. In the last round
+(and every ``partial-eval-every`` rounds) the clients also evaluate their own kept models on
+the test set (``clients_local_accuracy``).
 """
 
 from __future__ import annotations
@@ -41,14 +42,19 @@ class PartialAveraging(FedAvg):
             "layers dealt round-robin.", choices=("balanced", "round-robin")),
         Key("partial-rejoin", "local", "partial: a client that missed rounds continues from "
             "its own groups, or gets the server's full model.", choices=("local", "server")),
+        Key("partial-eval-every", 0, "partial: the clients evaluate their own kept models on "
+            "the test set every n rounds and in the last (0 = the last round only).",
+            check=at_least(0)),
     )
 
     def __init__(self, *args: Any, partial_groups: int = 2, partial_grouping: str = "balanced",
-                 partial_rejoin: str = "local", **kwargs: Any) -> None:
+                 partial_rejoin: str = "local", partial_eval_every: int = 0,
+                 **kwargs: Any) -> None:
         kwargs["fraction_evaluate"] = 1.0  # every client reports its own model each round
         kwargs["min_evaluate_nodes"] = 1
         super().__init__(*args, **kwargs)
         self.tau, self.rule, self.rejoin = partial_groups, partial_grouping, partial_rejoin
+        self.eval_every = partial_eval_every
         self.groups: list[list[str]] | None = None
         self.full: dict | None = None
         self.last_round_of: dict[int, int] = {}  # node -> last round it trained in
@@ -57,7 +63,8 @@ class PartialAveraging(FedAvg):
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         return {"partial_groups": int(config["partial-groups"]),
                 "partial_grouping": str(config["partial-grouping"]),
-                "partial_rejoin": str(config["partial-rejoin"])}
+                "partial_rejoin": str(config["partial-rejoin"]),
+                "partial_eval_every": int(config["partial-eval-every"])}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:
@@ -94,6 +101,12 @@ class PartialAveraging(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Any) -> Iterable[Message]:
+        last = server_round == self.total_rounds()
+        if not last and (self.eval_every == 0 or server_round % self.eval_every):
+            # Every client evaluating its model on the whole test set costs as much as the
+            # round's training here, so by default only the last round does it.
+            self.last_evaluate_metrics = {}
+            return []
         config["evaluate-local-model"] = True
         # The clients evaluate their own models; sending the global one would be wasted bytes.
         return super().configure_evaluate(server_round, ArrayRecord(), config, grid)

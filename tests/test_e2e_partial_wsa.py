@@ -88,6 +88,8 @@ def test_partial_sends_one_group_and_clients_keep_the_rest(tmp_path: Path, backe
     other = [n for n in groups[group_for_round(2, 2)] if n.endswith("weight")][0]
     assert not torch.equal(locals_[0][other], locals_[1][other])
     assert rounds[-1]["clients_local_accuracy"] is not None
+    # By default only the last round asks the clients to evaluate their own models.
+    assert [r.get("clients_local_accuracy") is None for r in rounds[1:]] == [True, True, False]
 
 
 def test_wsa_reports_the_scope_kl_and_a_stronger_pull_shrinks_it(tmp_path: Path) -> None:
