@@ -127,9 +127,11 @@ class Progress:
 
 
 def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = True,
-             label: str | None = None, verbose: bool = False) -> dict[str, Any]:
+             label: str | None = None, verbose: bool = False,
+             plot: bool = True) -> dict[str, Any]:
     """Run one validated config on its simulation backend; return its summary.
 
+    ``plot=False`` leaves out the run's ``accuracy.png`` (for sweeps and benchmarks).
     ``backend = local`` drives the ServerApp and ClientApp in this process
     (:mod:`fedwa.local_backend`); ``ray`` hands them to Flower's simulation engine.
     """
@@ -142,7 +144,7 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
 
     set_log_levels(verbose)
     rounds = total_rounds(build_strategy(config), config)
-    server_app = build_server_app(config, run_dir)
+    server_app = build_server_app(config, run_dir, plot=plot)
     with Progress(run_dir, rounds, label or run_dir.name, show_progress):
         if config["backend"] == "local":
             _run_local(server_app, client_app, config)

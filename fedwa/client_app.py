@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedwa.arrays import to_state_dict
 from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
@@ -60,7 +61,7 @@ def _local_data(message: Message, context: Context):  # noqa: ANN202
 
 def _load_model(config: dict[str, Any], data, arrays: ArrayRecord) -> torch.nn.Module:  # noqa: ANN001
     model = make_model(config, data)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model.load_state_dict(to_state_dict(arrays))
     return model
 
 
@@ -79,12 +80,12 @@ def _starting_model(config: dict[str, Any], data, received: ArrayRecord,  # noqa
     model = make_model(config, data)
     if round_config.get("keep-local-model"):
         if LOCAL_MODEL_KEY in context.state.array_records:
-            model.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
+            model.load_state_dict(to_state_dict(context.state[LOCAL_MODEL_KEY]))
         state = model.state_dict()
-        state.update(received.to_torch_state_dict())
+        state.update(to_state_dict(received))
         model.load_state_dict(state)
     else:
-        model.load_state_dict(received.to_torch_state_dict())
+        model.load_state_dict(to_state_dict(received))
     return model
 
 
@@ -153,7 +154,7 @@ def evaluate(message: Message, context: Context) -> Message:
         # Partial averaging: how good is the node's own model, on the balanced test set.
         model = make_model(config, data)
         if LOCAL_MODEL_KEY in context.state.array_records:
-            model.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
+            model.load_state_dict(to_state_dict(context.state[LOCAL_MODEL_KEY]))
         x, y = data.test_data()
     else:
         model = _load_model(config, data, message.content["arrays"])
@@ -183,9 +184,9 @@ def merge(message: Message, context: Context) -> Message:
 
     own = node_model()  # round 1: the node's own initialisation (shared or its own seed)
     if LOCAL_MODEL_KEY in context.state.array_records:
-        own.load_state_dict(context.state[LOCAL_MODEL_KEY].to_torch_state_dict())
+        own.load_state_dict(to_state_dict(context.state[LOCAL_MODEL_KEY]))
     ids = [int(j) for j in round_config["neighbours"]]
-    neighbours = {j: message.content[neighbour_key(j)].to_torch_state_dict() for j in ids}
+    neighbours = {j: to_state_dict(message.content[neighbour_key(j)]) for j in ids}
     x, y = data.client_data(pid)
     server_round = int(round_config["server-round"])
     seed = client_seed(int(config["seed"]), server_round, pid)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedwa.arrays import to_state_dict
 from fedwa.alignment import align_to, merge_aligned, permutation_spec, permute_state
 from fedwa.bn import has_batchnorm, recompute_bn
 from fedwa.errors import AllClientsFailedError
@@ -276,7 +277,7 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
                                         f"returned a usable model ({detail or 'no replies'})")
         usable.sort(key=lambda r: pid_of[r.metadata.src_node_id])
         for reply in usable:
-            state = reply.content["arrays"].to_torch_state_dict()
+            state = to_state_dict(reply.content["arrays"])
             strategy.models[pid_of[reply.metadata.src_node_id]] = state
         strategy.after_round(server_round, usable)
         failed = num_nodes - len(usable)

@@ -12,8 +12,8 @@ of their time there. In one process a run costs what its training costs.
 
 What it emulates, and how
 -------------------------
-- **Serialisation boundary.** Every instruction's content is deep-copied before the ClientApp
-  sees it, as if it had crossed the wire: a ClientApp that mutates its input cannot change the
+- **Serialisation boundary.** Every instruction's records are copied before the ClientApp sees
+  them, as if they had crossed the wire: a ClientApp that mutates its input cannot change the
   server's copy or another node's message.
 - **Node identity.** Node ids are drawn from a seeded generator; each node's
   ``node_config`` holds ``partition-id`` and ``num-partitions``, as in Flower's simulation.
@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -68,8 +68,8 @@ class InProcessGrid(Grid):
         What ``context.run_config`` holds on every node (Flower's simulation passes the app's
         config here; fedwa sends its resolved config with every message instead).
     copy_messages : bool, optional
-        Deep-copy each instruction's content before the ClientApp reads it (the default), so
-        nothing is shared across the would-be wire.
+        Copy each instruction's records before the ClientApp reads it (the default), so nothing
+        mutable is shared across the would-be wire.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0,
@@ -152,9 +152,23 @@ class InProcessGrid(Grid):
 
 
 def _copy_instruction(message: Message) -> Message:
-    """The message with its content deep-copied and the same metadata (what the wire does)."""
+    """The message with fresh records and the same metadata, as if it had crossed the wire.
+
+    Every record and every :class:`~flwr.app.Array` is a new object, so nothing the ClientApp
+    changes reaches the sender; the arrays' payloads are ``bytes``, which nobody can change,
+    so they are shared rather than copied (a deep copy of every model was most of this
+    backend's own cost).
+    """
+    content = RecordDict()
+    for name, record in message.content.items():
+        if isinstance(record, ArrayRecord):
+            content[name] = ArrayRecord({key: Array(dtype=array.dtype, shape=array.shape,
+                                                    stype=array.stype, data=array.data)
+                                         for key, array in record.items()})
+        else:
+            content[name] = copy.deepcopy(record)
     clone = copy.copy(message)
-    clone.__dict__["_content"] = copy.deepcopy(message.content)
+    clone.__dict__["_content"] = content
     return clone
 
 

@@ -175,7 +175,10 @@ def build_model(
     # fork_rng restores the CPU RNG on exit, so seeding here cannot shift the caller's
     # random stream (e.g. data shuffling) depending on whether a model was built.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # Only the CPU generator: torch.manual_seed would also queue a seed for every
+        # accelerator backend, formatting a stack trace each time (a third of building a
+        # small model), although init runs on the CPU.
+        torch.default_generator.manual_seed(seed)
         if name == "mlp":
             return MLP(c * h * w, 128 * width, num_classes)
         if name == "cnn":

@@ -67,8 +67,9 @@ def _clean(value: Any) -> Any:
 class ResultsWriter:
     """Writes one run's folder as the run goes."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, *, plot: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.plot = plot
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.started = time.time()
@@ -83,13 +84,14 @@ class ResultsWriter:
             os.fsync(f.fileno())
 
     def finish(self, status: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write ``summary.json`` (and the plot when there are rounds); return the summary."""
+        """Write ``summary.json`` (and the plot, unless off, when there are rounds); return the
+        summary."""
         rounds = read_rounds(self.run_dir)
         summary = summarise(rounds)
         summary.update({"status": status, "total_seconds": time.time() - self.started})
         summary.update(extra or {})
         self.write("summary.json", summary)
-        if rounds:
+        if rounds and self.plot:
             plot_run(self.run_dir)
         return summary
 

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedwa.arrays import to_state_dict
 from fedwa.bn import (batchnorm_layers, combine_moments, has_batchnorm, moments_to_stats,
                       recompute_bn, set_bn_stats)
 from fedwa.config import resolve_config
@@ -43,19 +44,23 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, resolve_config(context.run_config, other_strategy_keys="drop"))
 
 
-def build_server_app(config: Mapping[str, Any], run_dir: str | Path | None = None) -> ServerApp:
-    """A ServerApp bound to a resolved config and, optionally, a run folder made beforehand."""
+def build_server_app(config: Mapping[str, Any], run_dir: str | Path | None = None, *,
+                     plot: bool = True) -> ServerApp:
+    """A ServerApp bound to a resolved config and, optionally, a run folder made beforehand.
+
+    ``plot=False`` skips ``accuracy.png`` (importing matplotlib and drawing take about a second,
+    which sweeps of short runs need not pay; ``fedwa plot RUN`` draws it later)."""
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, run_dir)
+        run_federation(grid, config, run_dir, plot=plot)
 
     return server
 
 
 def run_federation(grid: Grid, config: Mapping[str, Any],
-                   run_dir: str | Path | None = None) -> Path:
+                   run_dir: str | Path | None = None, *, plot: bool = True) -> Path:
     """Run every round of one federated run and write its results folder; return the folder."""
     config = dict(config)
     device = resolve_device(str(config["device"]))
@@ -65,7 +70,7 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     strategy = build_strategy(config)
     if run_dir is None:
         run_dir = unique_dir(config["output-dir"], config["run-name"] or default_run_name(config))
-    writer = ResultsWriter(run_dir)
+    writer = ResultsWriter(run_dir, plot=plot)
     writer.write("config.json", config)
     writer.write("partition.json", data.summary())
     fedwa_grid = FedwaGrid(grid, config)
@@ -158,7 +163,7 @@ def recompute_bn_federated(grid: FedwaGrid, model: torch.nn.Module, timeout: flo
             if reply.has_error():
                 failures.append(reply.metadata.src_node_id)
                 continue
-            moments = reply.content["moments"].to_torch_state_dict()
+            moments = to_state_dict(reply.content["moments"])
             parts.append({name: (moments["count"].reshape(()), moments["sum"],
                                  moments["sumsq"])})
         if failures:
@@ -192,7 +197,7 @@ class CentralEvaluator:
 
         Returns the route used, or None.
         """
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.load_state_dict(to_state_dict(arrays))
         if name not in getattr(self.strategy, "recompute_bn", ()) or self.route == "off":
             return None
         # Late-phase weights: every member's BatchNorm copies get their own statistics.

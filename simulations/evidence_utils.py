@@ -29,7 +29,7 @@ def ensure_run(out: Path, name: str, seed: int, config: Mapping[str, Any]) -> Pa
     run_dir.mkdir(parents=True)
     resolved = resolve_config({**config, "seed": seed, "output-dir": str(out)})
     started = time.time()
-    simulate(resolved, run_dir, show_progress=False)
+    simulate(resolved, run_dir, show_progress=False, plot=False)
     print(f"{name} seed {seed}: {time.time() - started:.0f}s", flush=True)
     return run_dir
 

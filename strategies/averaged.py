@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from fedwa.arrays import to_state_dict
 from fedwa.averaging import ExponentialAverage, RunningAverage, WindowAverage
 from strategies.fedavg import FedAvg
 
@@ -34,7 +35,7 @@ class AveragedModelStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self.tracks(server_round):
-            self.average.update(arrays.to_torch_state_dict())
+            self.average.update(to_state_dict(arrays))
         return arrays, metrics
 
     def models_to_evaluate(self, server_round: int, arrays: ArrayRecord

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from fedwa.arrays import array_view
 from fedwa.config import Key
 from fedwa.errors import AllClientsFailedError
 
@@ -46,7 +47,7 @@ def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
                 return (f"array '{name}' has shape {tuple(array.shape)}, expected "
                         f"{tuple(expected[name].shape)}")
     for name, array in arrays.items():
-        values = array.numpy()
+        values = array_view(array)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"array '{name}' holds NaN or inf"
     return None
@@ -59,12 +60,14 @@ def match_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
     """
     out = {}
     for name, array in arrays.items():
-        values = array.numpy()
-        dtype = like[name].numpy().dtype if name in like else values.dtype
-        if values.dtype != dtype:
-            if np.issubdtype(dtype, np.integer):
-                values = np.rint(values)
-            values = np.asarray(values).astype(dtype)  # rint of a 0-d array is a scalar
+        values = array_view(array)
+        dtype = array_view(like[name]).dtype if name in like else values.dtype
+        if values.dtype == dtype:
+            out[name] = array  # already right: no need to serialise it again
+            continue
+        if np.issubdtype(dtype, np.integer):
+            values = np.rint(values)
+        values = np.asarray(values).astype(dtype)  # rint of a 0-d array is a scalar
         out[name] = Array(np.array(values, order="C", copy=True))  # keeps 0-d arrays 0-d
     return ArrayRecord(out)
 

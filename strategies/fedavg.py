@@ -9,6 +9,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
+from fedwa.arrays import to_state_dict
 from fedwa.averaging import weighted_average
 from strategies.base import FedwaStrategy
 
@@ -26,5 +27,5 @@ class FedAvg(FedwaStrategy, FlowerFedAvg):
         return [float(r.content["metrics"]["num-examples"]) for r in replies]
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord:
-        states = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        states = [to_state_dict(r.content["arrays"]) for r in replies]
         return ArrayRecord(weighted_average(states, self.client_weights(replies)))

@@ -22,6 +22,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from fedwa.arrays import to_state_dict
 from fedwa.averaging import ExponentialAverage
 from fedwa.config import Key, at_least
 from fedwa.errors import ConfigError
@@ -106,7 +107,7 @@ class IMWA(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self.ema is not None:
-            self.ema.update(arrays.to_torch_state_dict())
+            self.ema.update(to_state_dict(arrays))
         return arrays, metrics
 
     def models_to_evaluate(self, server_round: int, arrays: ArrayRecord

@@ -26,6 +26,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedwa.arrays import to_state_dict
 from fedwa.averaging import weighted_average
 from fedwa.config import Key, at_least
 from fedwa.partial import group_for_round, merge, partition_groups, select
@@ -69,7 +70,7 @@ class PartialAveraging(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:
         if self.full is None:
-            self.full = arrays.to_torch_state_dict()
+            self.full = to_state_dict(arrays)
             self.groups = partition_groups(self.full, self.tau, self.rule)
         assert self.groups is not None
         up = self.groups[group_for_round(server_round, self.tau)]
@@ -95,7 +96,7 @@ class PartialAveraging(FedAvg):
         return Message(content, node, message.metadata.message_type)
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord:
-        states = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        states = [to_state_dict(r.content["arrays"]) for r in replies]
         self.full = merge(self.full, weighted_average(states, self.client_weights(replies)))
         return ArrayRecord(self.full)
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 
+from fedwa.arrays import to_state_dict
 from fedwa.averaging import weighted_average
 from fedwa.config import Key, at_least, positive
 from fedwa.errors import ConfigError
@@ -96,7 +97,7 @@ class _TWA(FedAvg):
     def collect(self, server_round: int, arrays: ArrayRecord) -> None:
         if not self.is_candidate(server_round):
             return
-        state = arrays.to_torch_state_dict()
+        state = to_state_dict(arrays)
         if not self.names:
             self._names_and_blocks()
         self.template = state
@@ -183,7 +184,7 @@ class TWAv(_TWA):
         data = federated_data(self.run_config)
         x_val, y_val = data.server_val()
         model = make_model(self.run_config, data)
-        model.load_state_dict(self.centre_arrays().to_torch_state_dict())
+        model.load_state_dict(to_state_dict(self.centre_arrays()))
         # The fit runs BN in eval mode: give it the centre's own statistics to start from.
         recompute_bn(model, x_val)
         assert self.subspace is not None
@@ -236,7 +237,7 @@ class TWAt(_TWA):
         if server_round <= self.train_rounds:
             return super().aggregate_replies(server_round, replies)
         assert self.optimizer is not None
-        gradients = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        gradients = [to_state_dict(r.content["arrays"]) for r in replies]
         mean = weighted_average(gradients, self.client_weights(replies))
         weights = self.optimizer.step(flatten(mean, self.names))
         return self.arrays_at(weights)

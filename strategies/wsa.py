@@ -19,6 +19,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from fedwa.arrays import to_state_dict
 from fedwa.config import Key, at_least
 from fedwa.wsa import fuse_scopes, scope_layers, scopes
 from strategies.fedavg import FedAvg
@@ -52,7 +53,7 @@ class WSA(FedAvg):
 
             model = make_model(self.run_config, federated_data(self.run_config))
             self.names = scope_layers(model, self.include)
-            self.targets = scopes(arrays.to_torch_state_dict(), self.names)
+            self.targets = scopes(to_state_dict(arrays), self.names)
         assert self.names is not None
         config["wsa-lambda"] = self.strength
         config["wsa-names"] = list(self.names)
@@ -65,7 +66,7 @@ class WSA(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         usable = self.last_usable
         if usable:
-            client_scopes = [scopes(r.content["arrays"].to_torch_state_dict(), self.names)
+            client_scopes = [scopes(to_state_dict(r.content["arrays"]), self.names)
                              for r in usable]
             self.targets = fuse_scopes(client_scopes, self.client_weights(usable))
         return arrays, metrics

@@ -1,0 +1,78 @@
+"""Peak memory of a simulation against its number of clients (the in-process backend).
+
+Each client count runs in a fresh Python process, so each peak RSS (``ru_maxrss``) is that
+run's own: interpreter, torch, the dataset, the server's model, one round's replies and the
+one client that is training. Clients that are not training hold nothing but their (here
+empty) ``Context.state``, so the peak should grow with the replies a round collects, not with
+anything resident per client.
+
+    python simulations/bench_memory.py                    # 100 and 1000 clients, cnn
+    python simulations/bench_memory.py --clients 10,100,1000 --rounds 2
+
+The workload is the `cnn` on Fashion-MNIST (balanced, iid, 60 images per client at 1000
+clients), every client sampled every round, 2 local steps each, so the benchmark measures
+memory rather than training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from fedwa.cli import simulate
+from fedwa.config import resolve_config
+from fedwa.task import federated_data
+config = resolve_config(json.loads(sys.argv[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+federated_data(config)
+with_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run_dir = Path(config["output-dir"]) / "run"
+run_dir.mkdir(parents=True)
+started = time.perf_counter()
+simulate(config, run_dir, show_progress=False)
+print(json.dumps({"rss_start_kib": before, "rss_with_data_kib": with_data,
+                  "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "run_s": time.perf_counter() - started}))
+"""
+
+
+def measure(clients: int, rounds: int, model: str) -> dict:
+    config = {"dataset": "fashion-mnist", "model": model, "partition": "iid",
+              "imbalance-ratio": 1.0, "num-clients": clients, "num-server-rounds": rounds,
+              "local-steps": 2, "batch-size": 32, "backend": "local",
+              "output-dir": tempfile.mkdtemp(prefix="fedwa-mem-")}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{clients} clients failed:\n{result.stderr[-2000:]}")
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures["wall_s"] = time.perf_counter() - started
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="100,1000")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default="cnn")
+    args = parser.parse_args()
+    print(f"| clients | peak RSS (GiB) | after imports (GiB) | with data (GiB) | run (s) |")
+    print("|---|---|---|---|---|")
+    for clients in (int(c) for c in args.clients.split(",")):
+        f = measure(clients, args.rounds, args.model)
+        gib = 1024 ** 2  # ru_maxrss is in KiB on Linux
+        print(f"| {clients} | {f['rss_peak_kib'] / gib:.2f} | {f['rss_start_kib'] / gib:.2f} | "
+              f"{f['rss_with_data_kib'] / gib:.2f} | {f['run_s']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
