@@ -63,7 +63,7 @@ class DecentralizedStrategy:
             "model is evaluated on per round; the last round uses the whole test set (0 = "
             "always the whole set).", check=at_least(0)),
         Key("evaluate-merged", True, "decentralized: nodes also evaluate their merged model "
-            "before local training (merged_accuracy)."),
+            "before local training (merged_accuracy), on the per-round test subset."),
     )
 
     def __init__(self, *, seed: int = 0, run_config: Mapping[str, Any] | None = None,
@@ -110,9 +110,9 @@ class DecentralizedStrategy:
                 "merge-bn-recompute": bool(self.run_config.get("merge-bn-recompute", True)),
                 "dimat-examples": int(self.run_config.get("dimat-examples", 512)),
                 "evaluate-merged": bool(self.run_config.get("evaluate-merged", True)),
-                # The server's evaluation subset, so merged and trained models are comparable.
-                "eval-examples": 0 if server_round == self.total_rounds() else
-                int(self.run_config.get("node-eval-examples", 2000))}
+                # The server's per-round subset, also in the last round: N nodes each passing
+                # over the whole test set would cost more than the round's training.
+                "eval-examples": int(self.run_config.get("node-eval-examples", 2000))}
 
     def after_round(self, server_round: int, replies: list[Any]) -> None:
         """Called with the round's usable replies (partition order) once the relay holds the
