@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -51,3 +52,28 @@ def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     their memory (writable, independent of the record)."""
     return OrderedDict((name, torch.from_numpy(np.array(array_view(array), copy=True)))
                        for name, array in record.items())
+
+
+@lru_cache(maxsize=4096)
+def _header_for(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` version 1.0 header ``numpy.save`` writes for a C-ordered array."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def to_array(tensor: torch.Tensor) -> Array:
+    """:meth:`Array.from_torch_tensor` with the header built once per dtype and shape; the
+    bytes are the same as ``numpy.save`` writes."""
+    values = tensor.detach().cpu().numpy()
+    if not values.flags.c_contiguous or values.dtype.hasobject:
+        return Array(values)
+    descr = np.lib.format.dtype_to_descr(values.dtype)
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray",
+                 data=_header_for(descr, tuple(values.shape)) + values.tobytes())
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """:meth:`ArrayRecord.from_torch_state_dict` through :func:`to_array`."""
+    return ArrayRecord({name: to_array(tensor) for name, tensor in state.items()})

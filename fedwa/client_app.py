@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedwa.arrays import to_state_dict
+from fedwa.arrays import to_record, to_state_dict
 from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
@@ -133,10 +133,10 @@ def train(message: Message, context: Context) -> Message:
         with torch.no_grad():
             metrics["wsa-kl"] = float(scope_kl(state, targets, list(targets)))
     if round_config.get("keep-local-model"):
-        context.state[LOCAL_MODEL_KEY] = ArrayRecord(state)
+        context.state[LOCAL_MODEL_KEY] = to_record(state)
     names = round_config.get("return-names") or list(received.keys())
     metrics["seconds"] = time.perf_counter() - started
-    return Message(RecordDict({"arrays": ArrayRecord({n: state[n] for n in names}),
+    return Message(RecordDict({"arrays": to_record({n: state[n] for n in names}),
                                "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
@@ -208,7 +208,7 @@ def merge(message: Message, context: Context) -> Message:
                             evaluate_merged=evaluate_merged)
     own.to("cpu")
     state = own.state_dict()
-    context.state[LOCAL_MODEL_KEY] = ArrayRecord(state)
+    context.state[LOCAL_MODEL_KEY] = to_record(state)
     metrics = {
         "num-examples": len(x), "partition-id": pid, "train-loss": stats["loss"],
         "train-steps": stats["steps"], "train-seconds": stats["seconds"],
@@ -220,7 +220,7 @@ def merge(message: Message, context: Context) -> Message:
                                     if t.is_floating_point())) for j in ids],
         "seconds": time.perf_counter() - started,
     }
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}),
+    return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}),
                    reply_to=message)
 
 
@@ -243,7 +243,7 @@ def gradient(message: Message, context: Context) -> Message:
     loss, gradients = local_gradient(model, x, y, batch_size=int(config["batch-size"]),
                                      device=device)
     metrics = MetricRecord({"num-examples": len(x), "partition-id": pid, "train-loss": loss})
-    return Message(RecordDict({"arrays": ArrayRecord(gradients), "metrics": metrics}),
+    return Message(RecordDict({"arrays": to_record(gradients), "metrics": metrics}),
                    reply_to=message)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedwa.arrays import to_state_dict
+from fedwa.arrays import to_record, to_state_dict
 from fedwa.alignment import align_to, merge_aligned, permutation_spec, permute_state
 from fedwa.bn import has_batchnorm, recompute_bn
 from fedwa.errors import AllClientsFailedError
@@ -259,7 +259,7 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
             content = RecordDict({"config": ConfigRecord(strategy.round_config(server_round,
                                                                                pid))})
             for j in strategy.neighbours[pid]:
-                content[neighbour_key(j)] = ArrayRecord(strategy.models[j])
+                content[neighbour_key(j)] = to_record(strategy.models[j])
             messages.append(Message(content, node, MERGE_MESSAGE, group_id=str(server_round)))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         usable, failures = [], []

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -162,9 +162,8 @@ def _copy_instruction(message: Message) -> Message:
     content = RecordDict()
     for name, record in message.content.items():
         if isinstance(record, ArrayRecord):
-            content[name] = ArrayRecord({key: Array(dtype=array.dtype, shape=array.shape,
-                                                    stype=array.stype, data=array.data)
-                                         for key, array in record.items()})
+            # A shallow copy is a new Array sharing the immutable payload.
+            content[name] = ArrayRecord({key: copy.copy(array) for key, array in record.items()})
         else:
             content[name] = copy.deepcopy(record)
     clone = copy.copy(message)
