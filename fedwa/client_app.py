@@ -120,7 +120,8 @@ def train(message: Message, context: Context) -> Message:
     else:
         stats = train_local(model, x, y, spec, seed=seed, device=device,
                             regulariser=regulariser)
-    model.to("cpu")
+    if device.type != "cpu":  # a module walk that costs more than a tiny model's step
+        model.to("cpu")
     state = model.state_dict()
     metrics = {
         "num-examples": len(x),
@@ -206,7 +207,8 @@ def merge(message: Message, context: Context) -> Message:
                             make_model=node_model, device=device,
                             bn_batch_size=int(config["eval-batch-size"]),
                             evaluate_merged=evaluate_merged)
-    own.to("cpu")
+    if device.type != "cpu":
+        own.to("cpu")
     state = own.state_dict()
     context.state[LOCAL_MODEL_KEY] = to_record(state)
     metrics = {
