@@ -181,7 +181,7 @@ def merge(message: Message, context: Context) -> Message:
     node_seed = int(round_config["node-seed"])
 
     def node_model() -> torch.nn.Module:
-        return make_model({**config, "seed": node_seed}, data)
+        return make_model(config, data, node_seed)
 
     own = node_model()  # round 1: the node's own initialisation (shared or its own seed)
     if LOCAL_MODEL_KEY in context.state.array_records:

@@ -32,6 +32,7 @@ from fedwa.bn import has_batchnorm, recompute_bn
 from fedwa.errors import AllClientsFailedError
 from fedwa.metrics import evaluate_model
 from fedwa.results import ResultsWriter
+from fedwa.task import shot_options
 from fedwa.training import LocalTrainSpec, train_local
 
 log = logging.getLogger("fedwa")
@@ -197,6 +198,7 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
     eval_count = int(config["node-eval-examples"])
     subset = stratified_subset(y_test, eval_count, int(config["seed"]))
     rounds = strategy.total_rounds()
+    shots = shot_options(config)
     last_time = time.perf_counter()
 
     def evaluate(server_round: int, train: Mapping[str, Any] | None, failed: int,
@@ -205,9 +207,6 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
         final = server_round == rounds
         idx = torch.arange(len(y_test)) if final else subset
         x, y = x_test[idx], y_test[idx]
-        shots = {"shot_split": str(config["shot-split"]),
-                 "many_shot_min": int(config["many-shot-min"]),
-                 "few_shot_max": int(config["few-shot-max"])}
 
         def report(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             template.load_state_dict(state)

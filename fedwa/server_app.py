@@ -26,7 +26,7 @@ from fedwa.grid import FedwaGrid
 from fedwa.late_phase import collapse_state, ensemble_logits, num_members, set_active
 from fedwa.metrics import classification_report, evaluate_model
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
-from fedwa.task import federated_data, make_model, make_plain_model
+from fedwa.task import federated_data, make_model, make_plain_model, shot_options
 from fedwa.training import configure_threads, resolve_device, round_lr
 from strategies import build_strategy
 from strategies.base import example_weighted
@@ -104,11 +104,9 @@ def _run_decentralized(grid: FedwaGrid, config: Mapping[str, Any], strategy: Any
     from fedwa.alignment import merge_aligned
     from fedwa.decentralized import run_decentralized
 
-    def node_model(seed: int) -> torch.nn.Module:
-        return make_model({**config, "seed": seed}, data)
-
     try:
-        models = run_decentralized(grid, config, strategy, data, node_model, device, writer)
+        models = run_decentralized(grid, config, strategy, data,
+                                   lambda seed: make_model(config, data, seed), device, writer)
     except BaseException as err:
         writer.finish("failed", {"error": f"{type(err).__name__}: {err}"})
         raise
@@ -230,9 +228,7 @@ class CentralEvaluator:
     def evaluate(self) -> dict[str, Any]:
         """Metrics of the loaded model; late-phase members are collapsed into one model, and
         their ensemble is reported too (``ensemble_*``)."""
-        shots = {"shot_split": str(self.config["shot-split"]),
-                 "many_shot_min": int(self.config["many-shot-min"]),
-                 "few_shot_max": int(self.config["few-shot-max"])}
+        shots = shot_options(self.config)
         model = self.model
         if self.members > 1:
             self.plain.load_state_dict(collapse_state(self.model.state_dict(), self.members))

@@ -36,26 +36,38 @@ def federated_data(config: Mapping[str, Any]) -> FederatedData:
     )
 
 
-def make_plain_model(config: Mapping[str, Any], data: FederatedData) -> nn.Module:
-    """The model as it is evaluated: shadow-weight convs if any, one copy of every layer."""
+def make_plain_model(config: Mapping[str, Any], data: FederatedData,
+                     seed: int | None = None) -> nn.Module:
+    """The model as it is evaluated: shadow-weight convs if any, one copy of every layer.
+
+    ``seed`` replaces the run seed (a decentralized node's own initialisation)."""
+    seed = int(config["seed"]) if seed is None else seed
     model = build_model(str(config["model"]), data.input_shape, data.num_classes,
-                        seed=int(config["seed"]), width=int(config["model-width"]))
+                        seed=seed, width=int(config["model-width"]))
     layers = str(config.get("was-layers", ""))
     if layers:
         selected = "all" if layers == "all" else [n.strip() for n in layers.split(",")]
         try:
             add_shadow_weights(model, selected, str(config["was-transform"]),
-                               str(config["was-inference"]), seed=int(config["seed"]))
+                               str(config["was-inference"]), seed=seed)
         except ValueError as err:
             raise ConfigError("was-layers", layers, str(err)) from None
     return model
 
 
-def make_model(config: Mapping[str, Any], data: FederatedData) -> nn.Module:
+def make_model(config: Mapping[str, Any], data: FederatedData,
+               seed: int | None = None) -> nn.Module:
     """The run's model as it trains and travels, initialised from the run seed (the shared
-    initialisation): with ``late-phase-k`` members of every BN layer and the head."""
-    model = make_plain_model(config, data)
+    initialisation) or ``seed``: with ``late-phase-k`` members of every BN layer and the head."""
+    model = make_plain_model(config, data, seed)
     return add_late_phase(model, int(config.get("late-phase-k", 1)))
+
+
+def shot_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The many/medium/few-shot settings of :func:`fedwa.metrics.evaluate_model`."""
+    return {"shot_split": str(config["shot-split"]),
+            "many_shot_min": int(config["many-shot-min"]),
+            "few_shot_max": int(config["few-shot-max"])}
 
 
 def local_train_spec(config: Mapping[str, Any], round_config: Mapping[str, Any]) -> LocalTrainSpec:
