@@ -176,11 +176,9 @@ def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
     return mean, math.sqrt(var), len(vals)
 
 
-def plot_curves(groups: Mapping[str, Sequence[str | Path]], out: str | Path,
-                key: str = "accuracy") -> Path:
-    """Overlay the mean (band: ± one std over seeds) of ``key`` per round for each label."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def draw_mean_bands(ax: Any, groups: Mapping[str, Sequence[str | Path]],
+                    key: str = "accuracy") -> None:
+    """On ``ax``: per label, the mean of ``key`` per round over its runs, ± one std as a band."""
     for label, run_dirs in groups.items():
         runs = [read_rounds(d) for d in run_dirs]
         runs = [r for r in runs if r]
@@ -194,6 +192,14 @@ def plot_curves(groups: Mapping[str, Sequence[str | Path]], out: str | Path,
         ax.plot(xs, means, marker=".", label=f"{label} (n={len(runs)})")
         ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
                         [m + s for m, s in zip(means, stds)], alpha=0.2)
+
+
+def plot_curves(groups: Mapping[str, Sequence[str | Path]], out: str | Path,
+                key: str = "accuracy") -> Path:
+    """Overlay the mean (band: ± one std over seeds) of ``key`` per round for each label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_mean_bands(ax, groups, key)
     ax.set_xlabel("round")
     ax.set_ylabel(f"test {key.replace('_', ' ')}")
     ax.grid(alpha=0.3)

@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_utils import cell, evidence_main, finished  # noqa: E402
 
-from fedwa.results import mean_std, read_rounds  # noqa: E402
+from fedwa.results import draw_mean_bands, read_rounds  # noqa: E402
 
 ROUNDS = 6
 STEPS = 20
@@ -52,7 +52,7 @@ def table(out: Path, seeds: list[int]) -> str:
     lines = ["| setting | method | seeds | mean node acc (%) | min node acc (%) | "
              "merged, before training (%) | average of all nodes (%) | MB per node |",
              "|---|---|---|---|---|---|---|---|"]
-    curves: dict[str, dict[str, list[list[float]]]] = {}
+    curves: dict[str, dict[str, list[Path]]] = {}
     for setting in SETTINGS:
         for key, (label, _) in METHODS.items():
             dirs = finished(out, f"{setting}-{key}", seeds)
@@ -65,14 +65,14 @@ def table(out: Path, seeds: list[int]) -> str:
                 f" | {cell(last(d, 'merged_accuracy') for d in dirs)}"
                 f" | {cell(last(d, 'consensus_accuracy') for d in dirs)}"
                 f" | {cell(mb, 1.0, 1)} |")
-            curves.setdefault(setting, {})[label] = [
-                [r["accuracy"] for r in read_rounds(d)] for d in dirs]
+            curves.setdefault(setting, {})[label] = dirs
     if curves:
         plot(curves, out / "decentralized.png")
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
+def plot(curves: dict[str, dict[str, list[Path]]], path: Path) -> None:
+    """One panel per setting: mean node accuracy per round, ± one std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,19 +84,12 @@ def plot(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False,
                              sharey=True)
     for ax, setting in zip(axes.flat, settings):
-        for label, runs in curves[setting].items():
-            length = min(len(r) for r in runs)
-            stats = [mean_std(r[i] for r in runs) for i in range(length)]
-            mean = [100 * m for m, _, _ in stats]
-            std = [100 * s for _, s, _ in stats]
-            ax.plot(range(length), mean, label=label)
-            ax.fill_between(range(length), [m - s for m, s in zip(mean, std)],
-                            [m + s for m, s in zip(mean, std)], alpha=0.2)
+        draw_mean_bands(ax, curves[setting], "accuracy")
         ax.set_title(setting, fontsize=9)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
-        ax.set_ylabel("mean node accuracy (%)")
+        ax.set_ylabel("mean node accuracy")
     for ax in list(axes.flat)[len(settings):]:
         ax.axis("off")
     axes.flat[0].legend()
