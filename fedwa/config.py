@@ -174,6 +174,18 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("client-cpus", 1.0, "CPUs per client, handed to the Ray backend.", check=positive),
     Key("client-gpus", 0.0, "GPUs per client (fractions share a card; Ray backend).",
         check=at_least(0)),
+    Key("round-timeout", 3600.0, "Seconds a round waits for its replies; a client that has "
+        "not answered by then is dropped for the round (local backend: its reply is "
+        "discarded).", check=positive),
+    Key("min-available-clients", 1, "A round needs at least this many usable replies, and from "
+        "round 2 on this many connected nodes (round 1 waits for num-clients).",
+        check=at_least(1)),
+    Key("round-retries", 0, "Times a round with fewer usable replies than min-available-clients "
+        "is tried again before the run stops.", check=at_least(0)),
+    Key("checkpoint-every", 1, "Rounds between checkpoints (checkpoint.pt in the run folder; "
+        "0 = none).", check=at_least(0)),
+    Key("resume", "", "Run folder to continue from its checkpoint ('' = a new run; `fedwa run "
+        "--resume RUN_DIR` sets it)."),
     Key("eval-batch-size", 1024, "Batch size of evaluation.", check=at_least(1)),
     Key("bn-recompute", "auto", "How averaged models get fresh BatchNorm statistics: on the "
         "server validation split, federated over the clients' data, or not at all (auto = "
@@ -267,6 +279,9 @@ def _check_together(config: Mapping[str, Scalar]) -> None:
         raise ConfigError("late-phase-k", config["late-phase-k"],
                           f"1 with strategy {config['strategy']}: late-phase training has no "
                           "proximal or scope term")
+    if config["min-available-clients"] > config["num-clients"]:
+        raise ConfigError("min-available-clients", config["min-available-clients"],
+                          f"at most num-clients ({config['num-clients']})")
     if config["few-shot-max"] > config["many-shot-min"]:
         raise ConfigError("few-shot-max", config["few-shot-max"],
                           f"at most many-shot-min ({config['many-shot-min']})")

@@ -26,3 +26,11 @@ class DataNotFoundError(FedwaError):
 
 class AllClientsFailedError(FedwaError):
     """Every client of a round failed or sent an unusable reply; the run cannot go on."""
+
+
+class TooFewRepliesError(AllClientsFailedError):
+    """A round got fewer usable replies than ``min-available-clients`` (after its retries)."""
+
+
+class CheckpointError(FedwaError):
+    """A run folder cannot be resumed: no checkpoint, or one this run cannot continue."""

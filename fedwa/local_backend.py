@@ -20,9 +20,13 @@ What it emulates, and how
 - **Node state.** ``Context.state`` lives as long as the grid, one per node, as in Flower.
 - **Failures.** An exception in the ClientApp becomes an error reply (code
   ``CLIENT_APP_RAISED_EXCEPTION``), as Flower's simulation engine does; the run goes on.
-- **Not emulated.** Timeouts: clients run one after another in this process, so a client
-  cannot be cut off mid-round. Memory: nodes that are not training hold only their
-  ``Context.state``; nothing else of theirs is resident.
+- **Timeouts.** ``send_and_receive(..., timeout=t)`` gives the whole batch of messages ``t``
+  seconds, as Flower's grids do. Clients run one after another on a worker thread; once the
+  deadline passes, the client still running is abandoned (Python cannot stop a thread: it
+  runs on in the background and its reply and state changes are discarded) and the clients
+  not yet started get no reply, exactly like nodes that did not answer in time.
+- **Not emulated.** Memory: nodes that are not training hold only their ``Context.state``;
+  nothing else of theirs is resident.
 
 Flower internals
 ----------------
@@ -38,7 +42,10 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import uuid4
@@ -92,6 +99,10 @@ class InProcessGrid(Grid):
                 state=RecordDict(), run_config=dict(run_config or {}))
         self._replies: dict[str, Message] = {}
         self.messages_handled = 0
+        self.messages_timed_out = 0
+        # One worker thread runs the ClientApps when a deadline applies: handing a call to a
+        # live thread costs tens of microseconds, starting a thread per message more.
+        self._worker: ThreadPoolExecutor | None = None
 
     # --- the Grid interface -------------------------------------------------------------------
 
@@ -110,35 +121,77 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for message in messages:
-            message_id = uuid4().hex
-            message.metadata.__dict__["_message_id"] = message_id
-            self._replies[message_id] = self._deliver(message)
-            ids.append(message_id)
-        return ids
+        return self._push(messages, deadline=None)
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:
-        # Every reply exists once push_messages returns, so there is nothing to wait for.
-        return self.pull_messages(self.push_messages(messages))
+        # Every reply that will ever exist does once _push returns: nothing to wait for.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self.pull_messages(self._push(messages, deadline))
+
+    def close(self) -> None:
+        """Let go of the worker thread (an abandoned, still running client is not waited for)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+            self._worker = None
 
     # --- delivery -----------------------------------------------------------------------------
 
-    def _deliver(self, message: Message) -> Message:
+    def _push(self, messages: Iterable[Message], deadline: float | None) -> list[str]:
+        ids = []
+        for message in messages:
+            message_id = uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
+            reply = self._deliver(message, deadline)
+            if reply is not None:
+                self._replies[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def _deliver(self, message: Message, deadline: float | None = None) -> Message | None:
+        """The node's reply, or None when it did not come before ``deadline``."""
         node_id = message.metadata.dst_node_id
         context = self.contexts.get(node_id)
         if context is None:
             return self._error(message, ErrorCode.NODE_UNAVAILABLE, f"no node {node_id}")
         delivered = _copy_instruction(message) if self.copy_messages else message
+        if deadline is None:
+            return self._call(message, delivered, context)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            self.messages_timed_out += 1
+            return None
+        # The client works on its own copy of the node's state, adopted only if it answers in
+        # time: a client cut off mid-round must not leave half an update behind.
+        own = Context(run_id=context.run_id, node_id=node_id, node_config=context.node_config,
+                      state=RecordDict(dict(context.state.items())),
+                      run_config=context.run_config)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedwa-client")
+        future = self._worker.submit(self._call, message, delivered, own)
+        try:
+            reply = future.result(timeout=remaining)
+        except FutureTimeout:
+            log.warning("node %d did not answer %s within the round's timeout; its reply "
+                        "will be discarded", node_id, message.metadata.message_type)
+            self.messages_timed_out += 1
+            # The stuck thread keeps the old worker; later clients get a fresh one.
+            self._worker.shutdown(wait=False)
+            self._worker = None
+            return None
+        if not reply.has_error():
+            self.contexts[node_id] = own
+        return reply
+
+    def _call(self, message: Message, delivered: Message, context: Context) -> Message:
         self.messages_handled += 1
         try:
             reply = self.client_app(delivered, context)
         except Exception as error:  # noqa: BLE001 - a node's failure is its reply, as in Flower
-            log.debug("node %d raised:\n%s", node_id, traceback.format_exc())
+            log.debug("node %d raised:\n%s", context.node_id, traceback.format_exc())
             return self._error(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                f"{type(error)}:<'{error}'>")
         reply.metadata.__dict__["_message_id"] = uuid4().hex
@@ -189,5 +242,6 @@ def run_in_process(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
                                  node_config={}, state=RecordDict(),
                                  run_config=dict(run_config or {})))
     finally:
+        grid.close()
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
     return grid

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedwa.arrays import array_view
 from fedwa.config import Key
-from fedwa.errors import AllClientsFailedError
+from fedwa.errors import TooFewRepliesError
 
 log = logging.getLogger("fedwa")
 
@@ -46,6 +46,10 @@ def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
             if tuple(array.shape) != tuple(expected[name].shape):
                 return (f"array '{name}' has shape {tuple(array.shape)}, expected "
                         f"{tuple(expected[name].shape)}")
+            if array.dtype != expected[name].dtype:
+                # Averaging would silently up- or down-cast it; a float16 or int reply is a
+                # client built differently from the server.
+                return f"array '{name}' has dtype {array.dtype}, expected {expected[name].dtype}"
     for name, array in arrays.items():
         values = array_view(array)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
@@ -78,10 +82,12 @@ class FedwaStrategy:
     Subclasses declare ``config_keys`` (their own run-config keys) and map them to constructor
     arguments in :meth:`kwargs_from_config`. The guarantees:
 
-    - a reply that is an error, has the wrong names or shapes, or holds NaN/inf is logged with
-      its node id and left out; the round goes on with the others;
-    - when no reply is usable, :class:`AllClientsFailedError` stops the run (Flower's FedAvg
-      would quietly keep the old model);
+    - a reply that is an error, has the wrong names, shapes or dtypes, or holds NaN/inf is
+      logged with its node id, counted in the round's metrics and left out; so is a client
+      that did not answer within ``round-timeout``; the round goes on with the others;
+    - when fewer than ``min-available-clients`` replies are usable,
+      :class:`~fedwa.errors.TooFewRepliesError` stops the round (Flower's FedAvg would quietly
+      keep the old model); the round loop retries it ``round-retries`` times first;
     - client sampling is seeded by run seed and round;
     - the aggregate keeps the dtypes of the model that was sent.
     """
@@ -101,6 +107,8 @@ class FedwaStrategy:
         self.last_evaluate_metrics: dict[str, float] = {}
         self.last_train_metrics: dict[str, float] | None = None
         self.last_usable: list[Message] = []
+        self.last_sampled = 0
+        self.last_faults: dict[str, Any] = {}
 
     # --- construction -------------------------------------------------------------------------
 
@@ -130,10 +138,17 @@ class FedwaStrategy:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:
         self.sent_arrays = arrays
+        if "min-available-clients" in self.run_config:
+            # Round 1 waits for every node; later rounds go on without nodes that died
+            # (Flower's sampling would otherwise wait for them forever).
+            self.min_available_nodes = (int(self.run_config["num-clients"]) if server_round == 1
+                                        else int(self.run_config["min-available-clients"]))
         # Flower samples with the `random` module over grid.get_node_ids(); FedwaGrid lists
         # nodes in partition order, so seeding here fixes which clients train.
         random.seed(f"fedwa-train-{self.seed}-{server_round}")
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.last_sampled = len(messages)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Any) -> Iterable[Message]:
@@ -169,19 +184,39 @@ class FedwaStrategy:
         """Drop unusable replies (logged with node ids); raise if none is left."""
         replies = list(replies)
         usable, self.last_failures = [], []
+        errors = 0
         for reply in replies:
             problem = reply_problem(reply, self.sent_arrays)
             if problem is None:
                 usable.append(reply)
             else:
                 node = reply.metadata.src_node_id
+                errors += reply.has_error()
                 self.last_failures.append((node, problem))
                 log.warning("round %d: node %d left out: %s", server_round, node, problem)
-        if not usable:
+        sampled = max(self.last_sampled, len(replies))
+        missing = sampled - len(replies)
+        if missing:
+            log.warning("round %d: %d of %d sampled clients did not answer within the round's "
+                        "timeout", server_round, missing, sampled)
+        self.last_faults = {
+            "clients_sampled": sampled,
+            "clients_error": errors,  # the client raised or its node failed
+            "clients_rejected": len(self.last_failures) - errors,  # bad content, never averaged
+            "clients_missing": missing,  # no reply within round-timeout
+            "rejected": [{"node": n, "reason": p} for n, p in self.last_failures] or None,
+        }
+        needed = int(self.run_config.get("min-available-clients", 1))
+        if len(usable) < max(needed, 1):
             detail = "; ".join(f"node {n}: {p}" for n, p in self.last_failures[:3])
-            raise AllClientsFailedError(
-                f"round {server_round}: none of the {len(replies)} sampled clients returned a "
-                f"usable model ({detail or 'no replies'})")
+            if missing:
+                detail = "; ".join(filter(None, [detail, f"{missing} did not answer"]))
+            if not usable:
+                text = f"none of the {sampled} sampled clients returned a usable model"
+            else:
+                text = (f"only {len(usable)} of the {sampled} sampled clients returned a usable "
+                        f"model; min-available-clients is {needed}")
+            raise TooFewRepliesError(f"round {server_round}: {text} ({detail or 'no replies'})")
         # Sort by partition so floating-point sums run in the same order in every run.
         usable.sort(key=lambda r: (r.content["metrics"].get("partition-id", 0),
                                    r.metadata.src_node_id))
