@@ -188,10 +188,20 @@ def _run_ray(server_app: Any, client_app: Any, config: Mapping[str, Any],
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = resolve_config(gather_overrides(args.config, args.set))
+    if args.resume:
+        from fedwa.checkpoint import resume_config
+
+        if args.config:
+            raise ConfigError("CONFIG", args.config, "no config file with --resume: a resumed "
+                              "run keeps the config saved in its folder")
+        config = resolve_config(resume_config(args.resume, parse_set(args.set)))
+        run_dir = Path(config["resume"])
+    else:
+        config = resolve_config(gather_overrides(args.config, args.set))
     set_log_levels(args.verbose)
     check_runnable(config)
-    run_dir = unique_dir(config["output-dir"], config["run-name"] or default_run_name(config))
+    if not args.resume:
+        run_dir = unique_dir(config["output-dir"], config["run-name"] or default_run_name(config))
     summary = simulate(config, run_dir, show_progress=not args.quiet, verbose=args.verbose)
     final = summary["final"]
     print(f"final accuracy {final['accuracy']:.4f}, balanced {final['balanced_accuracy']:.4f} "
@@ -315,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one federated simulation")
     run.add_argument("config", nargs="?", help="TOML file with run-config keys")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a killed or failed run from its last checkpoint")
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser("compare", help="run strategies over seeds on the same data")

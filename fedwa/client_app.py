@@ -269,6 +269,14 @@ def batchnorm_moments(message: Message, context: Context) -> Message:
                    reply_to=message)
 
 
+@app.query("restore_local_model")
+def restore_local_model(message: Message, context: Context) -> Message:
+    """A resumed run gives the node back the model it kept between rounds (partial averaging,
+    decentralized mode), as the checkpoint recorded it."""
+    context.state[LOCAL_MODEL_KEY] = message.content["arrays"]
+    return Message(RecordDict({"metrics": MetricRecord({"restored": 1})}), reply_to=message)
+
+
 @app.query("local_model")
 def local_model(message: Message, context: Context) -> Message:
     """The model this node keeps across rounds (partial averaging), e.g. to study or deploy

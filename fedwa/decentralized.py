@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -172,8 +172,13 @@ def mean_report(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data: Any,
                       make_model: Any, device: torch.device, writer: ResultsWriter,
-                      timeout: float | None = None) -> dict[int, dict[str, torch.Tensor]]:
+                      timeout: float | None = None, first_round: int = 1,
+                      after_round: Callable[[int], None] | None = None,
+                      ) -> dict[int, dict[str, torch.Tensor]]:
     """Every round of a decentralized run; returns the nodes' final models by partition id.
+
+    A resumed run starts at ``first_round`` with the relay's models already in
+    ``strategy.models``; ``after_round(r)`` runs once round ``r`` is recorded (checkpoints).
 
     ``grid`` is a :class:`fedwa.grid.FedwaGrid` (ordered node ids, traffic counts). A node
     whose reply is unusable (error, wrong names or shapes, NaN) keeps its previous model in
@@ -250,8 +255,11 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
                  record["consensus_accuracy"])
         last_time = time.perf_counter()
 
-    evaluate(0, None, 0)
-    for server_round in range(1, rounds + 1):
+    if first_round == 1:
+        evaluate(0, None, 0)
+        if after_round is not None:
+            after_round(0)
+    for server_round in range(first_round, rounds + 1):
         messages = []
         for node in node_ids:
             pid = pid_of[node]
@@ -281,4 +289,6 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
         strategy.after_round(server_round, usable)
         failed = num_nodes - len(usable)
         evaluate(server_round, dict(train_metrics(usable)), failed, usable)
+        if after_round is not None:
+            after_round(server_round)
     return strategy.models

@@ -73,6 +73,8 @@ class ResultsWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.started = time.time()
+        #: Entries added to ``summary.json`` when the run finishes.
+        self.extra: dict[str, Any] = {}
 
     def write(self, name: str, obj: Any) -> None:
         write_json(self.run_dir / name, _clean(obj))
@@ -83,12 +85,24 @@ class ResultsWriter:
             f.flush()
             os.fsync(f.fileno())
 
+    def rewrite_rounds(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` with ``records``, atomically (a resumed run drops what
+        was written after its checkpoint)."""
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+        with tmp.open("w") as f:
+            for record in records:
+                f.write(json.dumps(_clean(dict(record)), allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metrics_path)
+
     def finish(self, status: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write ``summary.json`` (and the plot, unless off, when there are rounds); return the
         summary."""
         rounds = read_rounds(self.run_dir)
         summary = summarise(rounds)
         summary.update({"status": status, "total_seconds": time.time() - self.started})
+        summary.update(self.extra)
         summary.update(extra or {})
         self.write("summary.json", summary)
         if rounds and self.plot:

@@ -17,15 +17,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedwa.arrays import to_state_dict
+from fedwa.arrays import to_record, to_state_dict
 from fedwa.bn import (batchnorm_layers, combine_moments, has_batchnorm, moments_to_stats,
                       recompute_bn, set_bn_stats)
+from fedwa.checkpoint import (RUNTIME_KEYS, Checkpointer, load_checkpoint, restore_client_models,
+                              resume_config, set_rng_state)
 from fedwa.config import resolve_config
-from fedwa.errors import AllClientsFailedError
+from fedwa.errors import AllClientsFailedError, CheckpointError
 from fedwa.grid import FedwaGrid
 from fedwa.late_phase import collapse_state, ensemble_logits, num_members, set_active
 from fedwa.metrics import classification_report, evaluate_model
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
+from fedwa.rounds import run_rounds
 from fedwa.task import federated_data, make_model, make_plain_model, shot_options
 from fedwa.training import configure_threads, resolve_device, round_lr
 from strategies import build_strategy
@@ -40,8 +43,16 @@ BN_MOMENTS_ACTION = f"{MessageType.QUERY}.bn_moments"
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: the config comes from pyproject plus ``--run-config``."""
-    run_federation(grid, resolve_config(context.run_config, other_strategy_keys="drop"))
+    """Entry point for ``flwr run .``: the config comes from pyproject plus ``--run-config``.
+
+    ``--run-config "resume='/abs/run/folder'"`` continues that run from its checkpoint with
+    its own saved config (only :data:`fedwa.checkpoint.RUNTIME_KEYS` are taken from here).
+    """
+    config = resolve_config(context.run_config, other_strategy_keys="drop")
+    if config["resume"]:
+        config = resolve_config(resume_config(
+            config["resume"], {k: config[k] for k in RUNTIME_KEYS}))
+    run_federation(grid, config)
 
 
 def build_server_app(config: Mapping[str, Any], run_dir: str | Path | None = None, *,
@@ -61,59 +72,136 @@ def build_server_app(config: Mapping[str, Any], run_dir: str | Path | None = Non
 
 def run_federation(grid: Grid, config: Mapping[str, Any],
                    run_dir: str | Path | None = None, *, plot: bool = True) -> Path:
-    """Run every round of one federated run and write its results folder; return the folder."""
+    """Run every round of one federated run and write its results folder; return the folder.
+
+    With ``resume`` set, continue that folder's run after its last checkpointed round.
+    """
+    started = time.perf_counter()
     config = dict(config)
     device = resolve_device(str(config["device"]))
     configure_threads(device)
     data = federated_data(config)
     model = make_model(config, data)
     strategy = build_strategy(config)
-    if run_dir is None:
+    checkpoint = None
+    if config["resume"]:
+        run_dir = Path(config["resume"])
+        checkpoint = load_checkpoint(run_dir)
+        check_resumable(checkpoint, config)
+    elif run_dir is None:
         run_dir = unique_dir(config["output-dir"], config["run-name"] or default_run_name(config))
     writer = ResultsWriter(run_dir, plot=plot)
-    writer.write("config.json", config)
-    writer.write("partition.json", data.summary())
+    if checkpoint is None:
+        writer.write("config.json", config)
+        writer.write("partition.json", data.summary())
+    else:
+        # Records written after the checkpoint belong to the round that was lost; the
+        # summary of an earlier failed attempt no longer describes the run.
+        writer.rewrite_rounds(checkpoint["records"])
+        (writer.run_dir / "summary.json").unlink(missing_ok=True)
     fedwa_grid = FedwaGrid(grid, config)
+    rounds = total_rounds(strategy, config)
     log.info("fedwa: %s on %s, %d clients, %d rounds -> %s", config["strategy"],
-             config["dataset"], config["num-clients"], config["num-server-rounds"], run_dir)
+             config["dataset"], config["num-clients"], rounds, run_dir)
     if getattr(strategy, "decentralized", False):
-        return _run_decentralized(fedwa_grid, config, strategy, data, device, writer)
+        return _run_decentralized(fedwa_grid, config, strategy, data, device, writer,
+                                  checkpoint, started)
     evaluator = CentralEvaluator(config, data, model, device, strategy, fedwa_grid, writer)
+    checkpointer = Checkpointer(writer, config, strategy, fedwa_grid, rounds,
+                                evaluated_model=lambda: evaluator.final_state)
+    arrays, first_round = ArrayRecord(model.state_dict()), 1
+    if checkpoint is not None:
+        arrays, first_round = restore(checkpoint, strategy, fedwa_grid, config, writer, started)
+        evaluator.final_state = checkpoint["evaluated_model"]
+
+    def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        metrics = evaluator(server_round, arrays)
+        checkpointer(server_round, arrays)
+        return metrics
+
     try:
-        strategy.start(
-            grid=fedwa_grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=total_rounds(strategy, config),
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=evaluator,
-        )
+        run_rounds(strategy, fedwa_grid, arrays, num_rounds=rounds, first_round=first_round,
+                   timeout=float(config["round-timeout"]), retries=int(config["round-retries"]),
+                   evaluate_fn=evaluate_and_checkpoint)
     except BaseException as err:
         evaluator.save_model()
-        writer.finish("failed", {"error": f"{type(err).__name__}: {err}"})
+        writer.finish("failed", {"error": f"{type(err).__name__}: {err}",
+                                 **checkpoint_summary(checkpointer)})
         raise
     evaluator.save_model()
-    writer.finish("completed")
+    writer.finish("completed", checkpoint_summary(checkpointer))
     return Path(run_dir)
 
 
+def check_resumable(checkpoint: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose run computed something else than ``config`` would."""
+    ignored = set(RUNTIME_KEYS) | {"resume"}
+    saved = checkpoint["config"]
+    changed = sorted(k for k in set(saved) | set(config)
+                     if k not in ignored and saved.get(k) != config.get(k))
+    if changed:
+        key = changed[0]
+        raise CheckpointError(f"the checkpoint in {config['resume']} was written with "
+                              f"{key} = {saved.get(key)!r}, this run has {config.get(key)!r}; "
+                              "a resumed run keeps its config")
+
+
+def restore(checkpoint: Mapping[str, Any], strategy: Any, grid: FedwaGrid,
+            config: Mapping[str, Any], writer: ResultsWriter, started: float
+            ) -> tuple[ArrayRecord | None, int]:
+    """Put the strategy, the clients' kept models and the RNGs back as they were after the
+    checkpointed round; return the global arrays and the first round to run."""
+    strategy.load_state_dict(checkpoint["strategy"])
+    client_models = checkpoint.get("client_models")
+    own = getattr(strategy, "client_models", None)
+    if own is not None:
+        client_models = own()
+    if client_models:
+        restored = restore_client_models(grid, client_models, float(config["round-timeout"]))
+        grid.take_traffic()  # the restore is not part of the next round's traffic
+        log.info("resume: %d nodes took back their kept models", restored)
+    set_rng_state(checkpoint["rng"])
+    done = int(checkpoint["round"])
+    seconds = time.perf_counter() - started
+    # Kept in the summary (and in later checkpoints, for runs resumed more than once).
+    writer.extra["resumes"] = list(checkpoint.get("resumes", [])) + [
+        {"after_round": done, "seconds_to_resume": round(seconds, 3)}]
+    log.info("resume: continuing after round %d (%.1fs to resume)", done, seconds)
+    arrays = checkpoint["arrays"]
+    return (to_record(arrays) if arrays is not None else None), done + 1
+
+
+def checkpoint_summary(checkpointer: Checkpointer) -> dict[str, Any]:
+    return {"checkpoint_round": checkpointer.last_round,
+            "checkpoint_seconds": round(checkpointer.seconds, 3)}
+
+
 def _run_decentralized(grid: FedwaGrid, config: Mapping[str, Any], strategy: Any, data: Any,
-                       device: torch.device, writer: ResultsWriter) -> Path:
+                       device: torch.device, writer: ResultsWriter,
+                       checkpoint: Mapping[str, Any] | None, started: float) -> Path:
     """No global model: the relay loop of :mod:`fedwa.decentralized`. Saves every node's
     final model (``node_models.pt``) and their plain average (``model.pt``)."""
     from fedwa.alignment import merge_aligned
     from fedwa.decentralized import run_decentralized
 
+    checkpointer = Checkpointer(writer, config, strategy, grid, strategy.total_rounds())
+    first_round = 1
     try:
+        if checkpoint is not None:
+            _, first_round = restore(checkpoint, strategy, grid, config, writer, started)
         models = run_decentralized(grid, config, strategy, data,
-                                   lambda seed: make_model(config, data, seed), device, writer)
+                                   lambda seed: make_model(config, data, seed), device, writer,
+                                   timeout=float(config["round-timeout"]),
+                                   first_round=first_round,
+                                   after_round=lambda r: checkpointer(r, None))
     except BaseException as err:
-        writer.finish("failed", {"error": f"{type(err).__name__}: {err}"})
+        writer.finish("failed", {"error": f"{type(err).__name__}: {err}",
+                                 **checkpoint_summary(checkpointer)})
         raise
     torch.save(models, writer.run_dir / "node_models.pt")
     torch.save(merge_aligned([models[p] for p in sorted(models)], [1.0] * len(models)),
                writer.run_dir / "model.pt")
-    writer.finish("completed")
+    writer.finish("completed", checkpoint_summary(checkpointer))
     return writer.run_dir
 
 
@@ -270,9 +358,14 @@ class CentralEvaluator:
         basis = getattr(self.strategy, "basis_bytes", None)
         if basis is not None and basis():
             record["twa_basis_bytes"] = basis()
-        ok = [r.content["metrics"] for r in traffic.replies if not r.has_error()]
+        ok = [r.content["metrics"] for r in traffic.replies
+              if not r.has_error() and "metrics" in r.content.metric_records]
         failures = getattr(self.strategy, "last_failures", None)
         failed = len(failures) if failures is not None else len(traffic.replies) - len(ok)
+        # Errors, rejected replies (bad names, shapes, dtypes, NaN) and clients that did not
+        # answer in time, with the nodes and reasons (fedwa strategies only).
+        faults = getattr(self.strategy, "last_faults", None) or {}
+        missing = int(faults.get("clients_missing", 0))
         client_train = getattr(self.strategy, "last_train_metrics", None)
         if client_train is None and ok:  # a strategy without fedwa's base: all error-free replies
             # Replies arrive in any order; sum in partition order for a repeatable float.
@@ -285,11 +378,16 @@ class CentralEvaluator:
             "bytes_up": traffic.bytes_up,
             "lr": round_lr(float(self.config["lr"]), str(self.config["lr-schedule"]),
                            max(server_round, 1), int(self.config["num-server-rounds"])),
-            "clients_ok": len(traffic.replies) - failed if server_round > 0 else 0,
-            "clients_failed": failed if server_round > 0 else 0,
+            # A retried round's traffic holds every attempt's replies; the strategy knows
+            # which attempt counted.
+            "clients_ok": (faults["clients_sampled"] - failed - missing if faults
+                           else len(traffic.replies) - failed) if server_round > 0 else 0,
+            "clients_failed": failed + missing if server_round > 0 else 0,
             "train_loss": client_train.get("train-loss") if client_train else None,
             "client_train": client_train or None,
         })
+        if server_round > 0:
+            record.update(faults)
         extra = getattr(self.strategy, "round_metrics", None)
         if extra is not None and server_round > 0:
             record.update(extra())

@@ -121,6 +121,11 @@ class DecentralizedStrategy:
     def state_dict(self) -> dict[str, Any]:
         return {"models": self.models}
 
+    def client_models(self) -> dict[int, dict]:
+        """What each node keeps between rounds: its own model, which the relay also holds
+        (a resumed run sends it back to the node)."""
+        return self.models
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.models = dict(state["models"])
 

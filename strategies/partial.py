@@ -36,6 +36,9 @@ from strategies.fedavg import FedAvg
 class PartialAveraging(FedAvg):
     """Averages one staggered group of layers per round; clients keep the rest."""
 
+    #: Clients keep their own full model between rounds: checkpoints fetch it from them.
+    keeps_client_models = True
+
     config_keys = (
         Key("partial-groups", 2, "partial: number of layer groups tau (1 = FedAvg).",
             check=at_least(1)),

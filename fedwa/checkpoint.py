@@ -1,0 +1,229 @@
+"""Checkpoints: what a run needs to continue after it was killed, written after every round.
+
+A checkpoint is one file, ``checkpoint.pt`` in the run folder, written to a temporary name,
+flushed to disk and renamed into place, so a reader (or a resumed run) only ever sees a whole
+checkpoint of a finished round. It holds:
+
+- ``round``: the last finished round (0 = only the initial model was evaluated);
+- ``arrays``: the global model after that round (``None`` in decentralized mode);
+- ``strategy``: the strategy's :meth:`state_dict` (SWA/EMA averages, IMWA replicas, the
+  relay's per-node models, ...), serialised at once because strategies hand out live tensors;
+- ``client_models``: models that clients keep between rounds (partial averaging), by
+  partition id, fetched from the nodes with a ``query.local_model`` message;
+- ``rng``: the server process's Python, NumPy and torch generator states;
+- ``records``: the per-round results so far (``metrics.jsonl`` is rewritten from them on
+  resume, so a round record written after the checkpoint cannot be counted twice);
+- ``evaluated_model``: the last evaluated main model (saved as ``model.pt`` at the end);
+- ``config``: the run config the checkpoint belongs to.
+
+Resuming (:func:`resume_config`, then ``run_federation``) continues at ``round + 1`` and loses
+at most the round that was in flight. Client-side state travels back to the nodes in a
+``query.restore_local_model`` message before the first resumed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+
+from fedwa.arrays import to_record, to_state_dict
+from fedwa.errors import CheckpointError
+
+log = logging.getLogger("fedwa")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = 1
+LOCAL_MODEL_ACTION = f"{MessageType.QUERY}.local_model"
+RESTORE_ACTION = f"{MessageType.QUERY}.restore_local_model"
+
+#: Keys a resumed run may change: where and how it runs, not what it computes.
+RUNTIME_KEYS = ("backend", "device", "client-cpus", "client-gpus", "round-timeout",
+                "min-available-clients", "round-retries", "checkpoint-every")
+
+
+# --- random generators ------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """The server process's generator states: Python, NumPy, torch (and CUDA if present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the file ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as the run's checkpoint, atomically; return its path."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # The rename itself must reach the disk, or a crash could leave the old checkpoint.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run folder's checkpoint, or raise :class:`CheckpointError` saying why not."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {CHECKPOINT_NAME} to resume from (was it run "
+                              "with checkpoint-every = 0, or killed before round 0 ended?)")
+    try:
+        # Not weights_only: the file holds RNG states (NumPy arrays in tuples) and strategy
+        # state beside tensors. It is the run's own file, written by this code.
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fedwa checkpoint of format {FORMAT}")
+    return payload
+
+
+def resume_config(run_dir: str | Path, runtime: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """The overrides that continue ``run_dir``: its saved config, ``resume`` set to it, and
+    ``runtime`` keys (only those of :data:`RUNTIME_KEYS`) on top.
+
+    Raises :class:`CheckpointError` when the folder is not a resumable run, and
+    :class:`~fedwa.errors.ConfigError` when ``runtime`` holds a key that would change what
+    the run computes.
+    """
+    from fedwa.errors import ConfigError
+
+    run_dir = Path(run_dir).resolve()
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a fedwa run folder (no config.json)")
+    load_checkpoint(run_dir)  # fail now, before any engine starts
+    for key in runtime or {}:
+        if key not in RUNTIME_KEYS:
+            raise ConfigError(key, runtime[key], "not changeable on resume; only "
+                              + ", ".join(RUNTIME_KEYS) + " are")
+    saved = json.loads(config_path.read_text())
+    return {**saved, **dict(runtime or {}), "resume": str(run_dir)}
+
+
+# --- state kept by the clients ----------------------------------------------------------------
+
+
+def fetch_client_models(grid: Any, timeout: float) -> dict[int, dict[str, torch.Tensor]]:
+    """Every node's kept model (partial averaging), by partition id; nodes keeping none, or
+    not answering, are left out."""
+    nodes = list(grid.get_node_ids())
+    messages = [Message(RecordDict(), node, LOCAL_MODEL_ACTION, group_id="checkpoint")
+                for node in nodes]
+    models = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error() or node not in grid.partition_of:
+            log.warning("checkpoint: node %d did not return its kept model", node)
+            continue
+        arrays = reply.content.array_records.get("arrays")
+        if arrays:
+            models[grid.partition_of[node]] = to_state_dict(arrays)
+    return models
+
+
+def restore_client_models(grid: Any, models: Mapping[int, Mapping[str, torch.Tensor]],
+                          timeout: float) -> int:
+    """Send each node its kept model back (``query.restore_local_model``); return how many
+    nodes took theirs. A node missing from ``models`` keeps starting from the global model."""
+    nodes = {grid.partition_of[n]: n for n in grid.get_node_ids()}
+    messages = [Message(RecordDict({"arrays": to_record(dict(models[pid]))}), node,
+                        RESTORE_ACTION, group_id="resume")
+                for pid, node in nodes.items() if pid in models]
+    restored = 0
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log.warning("resume: node %d could not restore its model: %s",
+                        reply.metadata.src_node_id, reply.error.reason.strip()[-200:])
+        else:
+            restored += 1
+    return restored
+
+
+class Checkpointer:
+    """Writes the run's checkpoint after every ``every``-th round (and the last one).
+
+    Parameters
+    ----------
+    writer : fedwa.results.ResultsWriter
+        The run's results folder (the checkpoint goes beside ``metrics.jsonl``).
+    config : mapping
+        The resolved run config.
+    strategy : object
+        Its ``state_dict()`` is saved; a strategy with ``keeps_client_models = True`` also has
+        the nodes' kept models fetched.
+    grid : fedwa.grid.FedwaGrid
+        For fetching client models.
+    total_rounds : int
+        The run's last round (always checkpointed).
+    evaluated_model : callable, optional
+        Returns the last evaluated main model (state dict) to save with the checkpoint.
+    """
+
+    def __init__(self, writer: Any, config: Mapping[str, Any], strategy: Any, grid: Any,
+                 total_rounds: int, evaluated_model: Any = None) -> None:
+        self.writer, self.config, self.strategy, self.grid = writer, dict(config), strategy, grid
+        self.every = int(config.get("checkpoint-every", 1))
+        self.total_rounds = total_rounds
+        self.evaluated_model = evaluated_model
+        self.seconds = 0.0
+        self.last_round: int | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord | None) -> None:
+        if self.every == 0 or (server_round % self.every and server_round != self.total_rounds):
+            return
+        started = time.perf_counter()
+        client_models = None
+        if getattr(self.strategy, "keeps_client_models", False):
+            client_models = fetch_client_models(self.grid, float(self.config["round-timeout"]))
+            self.grid.take_traffic()  # checkpoint traffic is not the next round's
+        from fedwa.results import read_rounds
+
+        save_checkpoint(self.writer.run_dir, {
+            "round": server_round,
+            "total_rounds": self.total_rounds,
+            "arrays": dict(to_state_dict(arrays)) if arrays is not None else None,
+            "strategy": self.strategy.state_dict(),
+            "client_models": client_models,
+            "rng": rng_state(),
+            "records": read_rounds(self.writer.run_dir),
+            "evaluated_model": self.evaluated_model() if self.evaluated_model else None,
+            "config": self.config,
+            "resumes": self.writer.extra.get("resumes", []),
+            "saved_at": time.time(),
+        })
+        self.seconds += time.perf_counter() - started
+        self.last_round = server_round
