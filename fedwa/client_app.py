@@ -19,6 +19,7 @@ from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
 from fedwa.metrics import evaluate_model
+from fedwa.node_data import node_data
 from fedwa.late_phase import num_members, set_active, train_late_phase
 from fedwa.shadow import reseed_shadow
 from fedwa.task import federated_data, local_train_spec, make_model
@@ -48,6 +49,14 @@ def partition_id_of(context: Context, config: dict[str, Any]) -> int:
         raise ValueError(f"node has partition-id={pid}, num-partitions={count}, but the run has "
                          f"num-clients={config['num-clients']}")
     return pid
+
+
+def _own(config: dict[str, Any], context: Context, data, pid: int  # noqa: ANN001
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples this node trains on (its partition or its data-dir, minus a held-out
+    test split under federated evaluation)."""
+    own = node_data(config, context.node_config, data, pid)
+    return own.x, own.y
 
 
 def _local_data(message: Message, context: Context):  # noqa: ANN202
@@ -107,7 +116,7 @@ def train(message: Message, context: Context) -> Message:
     round_config = dict(message.content["config"]) if "config" in message.content else {}
     received = message.content["arrays"]
     model = _starting_model(config, data, received, round_config, context)
-    x, y = data.client_data(pid)
+    x, y = _own(config, context, data, pid)
     server_round = int(round_config.get("server-round", 1))
     regulariser, targets = _regulariser(round_config)
     spec = local_train_spec(config, round_config)
@@ -159,13 +168,34 @@ def evaluate(message: Message, context: Context) -> Message:
         x, y = data.test_data()
     else:
         model = _load_model(config, data, message.content["arrays"])
-        x, y = data.client_data(pid)
+        x, y = _own(config, context, data, pid)
     report = evaluate_model(model, x, y, num_classes=data.num_classes,
                             train_class_counts=data.train_class_counts,
                             batch_size=int(config["eval-batch-size"]), device=device)
     metrics = MetricRecord({"num-examples": len(x), "local-accuracy": report["accuracy"],
                             "local-balanced-accuracy": report["balanced_accuracy"],
                             "local-loss": report["loss"]})
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+
+@app.evaluate("held_out")
+def evaluate_held_out(message: Message, context: Context) -> Message:
+    """Federated evaluation (``evaluation = "federated"``): the received model on this node's
+    own test split, as per-class counts the server can add up exactly."""
+    config, device, pid, data = _local_data(message, context)
+    own = node_data(config, context.node_config, data, pid)
+    if own.x_test is None or not len(own.y_test):
+        raise ValueError(f"partition {pid} has no test split to evaluate on")
+    model = _load_model(config, data, message.content["arrays"])
+    report = evaluate_model(model, own.x_test, own.y_test, num_classes=data.num_classes,
+                            train_class_counts=[1] * data.num_classes,
+                            batch_size=int(config["eval-batch-size"]), device=device)
+    total = torch.bincount(own.y_test, minlength=data.num_classes)
+    recall = report["per_class_accuracy"]
+    correct = [round((r or 0.0) * int(n)) for r, n in zip(recall, total.tolist())]
+    metrics = MetricRecord({"num-examples": len(own.y_test), "partition-id": pid,
+                            "class-total": total.tolist(), "class-correct": correct,
+                            "loss-sum": report["loss"] * len(own.y_test)})
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
@@ -188,7 +218,7 @@ def merge(message: Message, context: Context) -> Message:
         own.load_state_dict(to_state_dict(context.state[LOCAL_MODEL_KEY]))
     ids = [int(j) for j in round_config["neighbours"]]
     neighbours = {j: to_state_dict(message.content[neighbour_key(j)]) for j in ids}
-    x, y = data.client_data(pid)
+    x, y = _own(config, context, data, pid)
     server_round = int(round_config["server-round"])
     seed = client_seed(int(config["seed"]), server_round, pid)
     evaluate_merged = None
@@ -230,7 +260,7 @@ def merge(message: Message, context: Context) -> Message:
 def query(message: Message, context: Context) -> Message:
     """Handshake: tell the server this node's partition and what it holds."""
     config, _, pid, data = _local_data(message, context)
-    _, y = data.client_data(pid)
+    _, y = _own(config, context, data, pid)
     counts = torch.bincount(y, minlength=data.num_classes).tolist()
     info = MetricRecord({"partition-id": pid, "num-examples": len(y), "class-counts": counts})
     return Message(RecordDict({"info": info}), reply_to=message)
@@ -241,7 +271,7 @@ def gradient(message: Message, context: Context) -> Message:
     """The gradient of this node's training loss at the received weights (federated TWA-t)."""
     config, device, pid, data = _local_data(message, context)
     model = _load_model(config, data, message.content["arrays"])
-    x, y = data.client_data(pid)
+    x, y = _own(config, context, data, pid)
     loss, gradients = local_gradient(model, x, y, batch_size=int(config["batch-size"]),
                                      device=device)
     metrics = MetricRecord({"num-examples": len(x), "partition-id": pid, "train-loss": loss})
@@ -259,7 +289,7 @@ def batchnorm_moments(message: Message, context: Context) -> Message:
     layer = str(settings["bn-layer"])
     if "bn-member" in settings:  # late-phase weights: measure that member's path
         set_active(model, int(settings["bn-member"]))
-    x, _ = data.client_data(pid)
+    x, _ = _own(config, context, data, pid)
     count, total, squares = bn_moments(model, x, layers=[layer], device=device,
                                        batch_size=int(config["eval-batch-size"]))[layer]
     moments = ArrayRecord({"count": count.reshape(1), "sum": total, "sumsq": squares})

@@ -174,6 +174,12 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("client-cpus", 1.0, "CPUs per client, handed to the Ray backend.", check=positive),
     Key("client-gpus", 0.0, "GPUs per client (fractions share a card; Ray backend).",
         check=at_least(0)),
+    Key("evaluation", "central", "Where the global model is evaluated: on the balanced test "
+        "set at the server, or federated (every node on its own held-out test split; for "
+        "servers without data).", choices=("central", "federated")),
+    Key("local-test-fraction", 0.2, "Federated evaluation: stratified fraction of each node's "
+        "data held out as its test split (unless the node's data-dir has test.npz).",
+        check=lambda v: None if 0 < v < 1 else "a fraction in (0, 1)"),
     Key("round-timeout", 3600.0, "Seconds a round waits for its replies; a client that has "
         "not answered by then is dropped for the round (local backend: its reply is "
         "discarded).", check=positive),
@@ -279,6 +285,9 @@ def _check_together(config: Mapping[str, Scalar]) -> None:
         raise ConfigError("late-phase-k", config["late-phase-k"],
                           f"1 with strategy {config['strategy']}: late-phase training has no "
                           "proximal or scope term")
+    if config["evaluation"] == "federated" and config["late-phase-k"] > 1:
+        raise ConfigError("evaluation", "federated", "central with late-phase-k > 1: the "
+                          "server collapses the members before it evaluates")
     if config["min-available-clients"] > config["num-clients"]:
         raise ConfigError("min-available-clients", config["min-available-clients"],
                           f"at most num-clients ({config['num-clients']})")

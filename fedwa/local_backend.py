@@ -77,11 +77,15 @@ class InProcessGrid(Grid):
     copy_messages : bool, optional
         Copy each instruction's records before the ClientApp reads it (the default), so nothing
         mutable is shared across the would-be wire.
+    node_configs : mapping, optional
+        Extra ``node_config`` entries by partition id, as a SuperNode's ``--node-config``
+        would give them (e.g. ``{0: {"data-dir": "/data/site-a"}}``).
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0,
                  run_config: Mapping[str, Any] | None = None,
-                 copy_messages: bool = True) -> None:
+                 copy_messages: bool = True,
+                 node_configs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         rng = random.Random(seed)
@@ -93,9 +97,11 @@ class InProcessGrid(Grid):
             node_id = rng.getrandbits(63)
             if node_id in self.contexts or node_id == SUPERLINK_NODE_ID:
                 continue
+            pid = len(self.contexts)
             self.contexts[node_id] = Context(
                 run_id=self._run.run_id, node_id=node_id,
-                node_config={"partition-id": len(self.contexts), "num-partitions": num_nodes},
+                node_config={"partition-id": pid, "num-partitions": num_nodes,
+                             **dict((node_configs or {}).get(pid, {}))},
                 state=RecordDict(), run_config=dict(run_config or {}))
         self._replies: dict[str, Message] = {}
         self.messages_handled = 0
@@ -225,13 +231,16 @@ def _copy_instruction(message: Message) -> Message:
 
 
 def run_in_process(server_app: ServerApp, client_app: ClientApp, num_nodes: int, *,
-                   seed: int = 0, run_config: Mapping[str, Any] | None = None) -> InProcessGrid:
+                   seed: int = 0, run_config: Mapping[str, Any] | None = None,
+                   node_configs: Mapping[int, Mapping[str, Any]] | None = None
+                   ) -> InProcessGrid:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApps; return the grid.
 
     The caller's ``TaskIdentity`` is restored afterwards, so tests and notebooks can run
     several federations in one process.
     """
-    grid = InProcessGrid(client_app, num_nodes, seed=seed, run_config=run_config)
+    grid = InProcessGrid(client_app, num_nodes, seed=seed, run_config=run_config,
+                         node_configs=node_configs)
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     # What the Ray simulation sets in the server process before the ServerApp starts.
     TaskIdentity.run_id = grid.run.run_id

@@ -194,6 +194,42 @@ def classification_report(
     return report
 
 
+def report_from_counts(
+    class_correct: Sequence[int],
+    class_total: Sequence[int],
+    loss_sum: float,
+    train_class_counts: Sequence[int],
+    *,
+    shot_split: str = "thirds",
+    many_shot_min: int = 100,
+    few_shot_max: int = 20,
+) -> dict:
+    """:func:`classification_report` plus ``loss`` from per-class counts summed over nodes.
+
+    Federated evaluation: each node counts, per class, its test examples and the correct
+    predictions; the sums give exactly the report of one evaluation over the union of the
+    nodes' test splits.
+    """
+    correct = np.asarray(class_correct, dtype=np.int64)
+    total = np.asarray(class_total, dtype=np.int64)
+    if correct.shape != total.shape or total.sum() == 0 or (correct > total).any():
+        raise ValueError(f"per-class counts do not add up: correct {correct.tolist()}, "
+                         f"total {total.tolist()}")
+    per_class = [float(c / n) if n else None for c, n in zip(correct, total)]
+    groups = shot_groups(train_class_counts, shot_split, many_shot_min, few_shot_max)
+    report: dict = {
+        "accuracy": float(correct.sum() / total.sum()),
+        "balanced_accuracy": _mean_or_none(per_class),
+        "per_class_accuracy": per_class,
+    }
+    for g in SHOT_GROUPS:
+        report[f"{g}_shot_accuracy"] = _mean_or_none(
+            [acc for acc, grp in zip(per_class, groups) if grp == g])
+    report["shot_groups"] = groups
+    report["loss"] = float(loss_sum) / float(total.sum())
+    return report
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,

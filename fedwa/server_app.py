@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -26,7 +27,7 @@ from fedwa.config import resolve_config
 from fedwa.errors import AllClientsFailedError, CheckpointError
 from fedwa.grid import FedwaGrid
 from fedwa.late_phase import collapse_state, ensemble_logits, num_members, set_active
-from fedwa.metrics import classification_report, evaluate_model
+from fedwa.metrics import classification_report, evaluate_model, report_from_counts
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
 from fedwa.rounds import run_rounds
 from fedwa.task import federated_data, make_model, make_plain_model, shot_options
@@ -106,7 +107,9 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     if getattr(strategy, "decentralized", False):
         return _run_decentralized(fedwa_grid, config, strategy, data, device, writer,
                                   checkpoint, started)
-    evaluator = CentralEvaluator(config, data, model, device, strategy, fedwa_grid, writer)
+    evaluator_class = (FederatedEvaluator if config["evaluation"] == "federated"
+                       else CentralEvaluator)
+    evaluator = evaluator_class(config, data, model, device, strategy, fedwa_grid, writer)
     checkpointer = Checkpointer(writer, config, strategy, fedwa_grid, rounds,
                                 evaluated_model=lambda: evaluator.final_state)
     arrays, first_round = ArrayRecord(model.state_dict()), 1
@@ -266,6 +269,9 @@ class CentralEvaluator:
     the round's main metrics, others are reported under their name.
     """
 
+    #: Where the metrics come from, as written in every round record.
+    mode = "central"
+
     def __init__(self, config: Mapping[str, Any], data: Any, model: torch.nn.Module,
                  device: torch.device, strategy: Any, grid: FedwaGrid,
                  writer: ResultsWriter) -> None:
@@ -344,7 +350,8 @@ class CentralEvaluator:
         report = self.evaluate()
         self.final_state = {k: v.detach().cpu().clone()
                             for k, v in self.model.state_dict().items()}
-        record: dict[str, Any] = {"round": server_round, "model": main_name, **report}
+        record: dict[str, Any] = {"round": server_round, "model": main_name,
+                                  "evaluation": self.mode, **report}
         for name, other in others:
             routes[name] = self.prepare(name, other)
             extra = self.evaluate()
@@ -398,3 +405,44 @@ class CentralEvaluator:
         self.last = time.perf_counter()
         return MetricRecord({k: float(report[k]) for k in ("accuracy", "balanced_accuracy",
                                                            "loss")})
+
+
+HELD_OUT_ACTION = f"{MessageType.EVALUATE}.held_out"
+
+
+class FederatedEvaluator(CentralEvaluator):
+    """``evaluation = "federated"``: the server holds no test set. After every round each node
+    evaluates the model on its own held-out test split and returns per-class counts; their
+    sums give the round's metrics (:func:`fedwa.metrics.report_from_counts`), exactly those
+    of one evaluation over the union of the nodes' test splits. Shot groups come from the
+    class counts the nodes reported at the handshake."""
+
+    mode = "federated"
+
+    def evaluate(self) -> dict[str, Any]:
+        arrays = ArrayRecord(self.model.state_dict())
+        nodes = self.grid.get_node_ids()
+        messages = [Message(RecordDict({"arrays": arrays}), node, HELD_OUT_ACTION,
+                            group_id="held-out") for node in nodes]
+        counts, failures = [], []
+        for reply in self.grid.send_and_receive(messages,
+                                                timeout=float(self.config["round-timeout"])):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or "metrics" not in reply.content.metric_records:
+                failures.append(node)
+                continue
+            counts.append(reply.content["metrics"])
+        if failures:
+            log.warning("federated evaluation: nodes %s did not answer; the metrics cover the "
+                        "other %d", failures, len(counts))
+        if not counts:
+            raise AllClientsFailedError("federated evaluation: no node returned its counts")
+        total = np.sum([list(m["class-total"]) for m in counts], axis=0)
+        correct = np.sum([list(m["class-correct"]) for m in counts], axis=0)
+        train_counts = np.sum([list(self.grid.node_info[n]["class-counts"]) for n in nodes],
+                              axis=0)
+        report = report_from_counts(correct, total, sum(float(m["loss-sum"]) for m in counts),
+                                    train_counts.tolist(), **shot_options(self.config))
+        report["evaluated_by"] = len(counts)
+        report["eval_examples"] = int(total.sum())
+        return report

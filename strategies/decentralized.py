@@ -84,6 +84,10 @@ class DecentralizedStrategy:
                 raise ConfigError(key, config[key], f"{off!r} with the decentralized strategy "
                                   f"{config['strategy']!r}: every node trains every round and "
                                   "the aligner knows only the plain models")
+        if config["evaluation"] != "central":
+            raise ConfigError("evaluation", config["evaluation"], "central with the "
+                              f"decentralized strategy {config['strategy']!r}: the server "
+                              "evaluates every node's own model on the test set")
         return cls(seed=int(config["seed"]), run_config=config,
                    topology=str(config["topology"]), topology_p=float(config["topology-p"]),
                    mixing=str(config["mixing"]), node_init=str(config["node-init"]),
