@@ -50,7 +50,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -210,6 +210,20 @@ class InProcessGrid(Grid):
         return reply
 
 
+def _copy_record(record: Any) -> Any:
+    """A new record with the same entries, without re-checking every entry's type.
+
+    Flower's records keep their entries in ``__dict__["_data"]``. Scalars, strings, bytes and
+    :class:`~flwr.app.Array` payloads are immutable; lists are copied, and each Array is a new
+    object around the same bytes. A deep copy did the same work at about ten times the cost.
+    """
+    clone = copy.copy(record)
+    clone.__dict__["_data"] = {
+        key: (copy.copy(value) if isinstance(value, (list, Array)) else value)
+        for key, value in record.__dict__["_data"].items()}
+    return clone
+
+
 def _copy_instruction(message: Message) -> Message:
     """The message with fresh records and the same metadata, as if it had crossed the wire.
 
@@ -220,11 +234,7 @@ def _copy_instruction(message: Message) -> Message:
     """
     content = RecordDict()
     for name, record in message.content.items():
-        if isinstance(record, ArrayRecord):
-            # A shallow copy is a new Array sharing the immutable payload.
-            content[name] = ArrayRecord({key: copy.copy(array) for key, array in record.items()})
-        else:
-            content[name] = copy.deepcopy(record)
+        content.__dict__["_data"][name] = _copy_record(record)
     clone = copy.copy(message)
     clone.__dict__["_content"] = content
     return clone
