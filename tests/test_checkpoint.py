@@ -195,3 +195,43 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(
     final = torch.load(killed / "model.pt")
     expected = torch.load(whole / "model.pt")
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_flwr_runs_entry_point_resumes_a_failed_run_from_its_run_config(tmp_path: Path) -> None:
+    """``flwr run . --run-config "resume='/abs/run'"`` goes through the ServerApp's ``main``;
+    here a run whose clients all fail from round 3 on is resumed that way."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    import fedwa.client_app as client
+    from fedwa.config import load_toml
+    from fedwa.errors import TooFewRepliesError
+    from fedwa.local_backend import run_in_process
+    from fedwa.server_app import app as server_app
+    from fedwa.server_app import build_server_app
+
+    settings = {**SMALL, "num-server-rounds": 4, "local-steps": 5}
+    config = resolve_config({**settings, "output-dir": str(tmp_path)})
+    failing = ClientApp()
+
+    @failing.train()
+    def train(message: Message, context: Context) -> Message:
+        if int(message.content["config"]["server-round"]) >= 3:
+            raise RuntimeError("the site went offline")
+        return client.train(message, context)
+
+    failing.query()(client.query)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TooFewRepliesError):
+        run_in_process(build_server_app(config, run_dir, plot=False), failing, 3)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    assert load_checkpoint(run_dir)["round"] == 2
+
+    # What `flwr run .` hands the ServerApp: every key of pyproject.toml, plus the override.
+    run_config = {**load_toml(REPO / "pyproject.toml"), "resume": str(run_dir)}
+    run_in_process(server_app, client.app, 3, run_config=run_config)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    simulate(config, whole, show_progress=False, plot=False)
+    assert comparable(read_rounds(run_dir)) == comparable(read_rounds(whole))
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
