@@ -181,8 +181,8 @@ CORE_KEYS: tuple[Key, ...] = (
         "data held out as its test split (unless the node's data-dir has test.npz).",
         check=lambda v: None if 0 < v < 1 else "a fraction in (0, 1)"),
     Key("round-timeout", 3600.0, "Seconds a round waits for its replies; a client that has "
-        "not answered by then is dropped for the round (local backend: its reply is "
-        "discarded).", check=positive),
+        "not answered by then is dropped for the round (local backend: each client's own "
+        "limit, as they run one after another).", check=positive),
     Key("min-available-clients", 1, "A round needs at least this many usable replies, and from "
         "round 2 on this many connected nodes (round 1 waits for num-clients).",
         check=at_least(1)),
