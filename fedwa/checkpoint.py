@@ -207,8 +207,6 @@ class Checkpointer:
         if getattr(self.strategy, "keeps_client_models", False):
             client_models = fetch_client_models(self.grid, float(self.config["round-timeout"]))
             self.grid.take_traffic()  # checkpoint traffic is not the next round's
-        from fedwa.results import read_rounds
-
         save_checkpoint(self.writer.run_dir, {
             "round": server_round,
             "total_rounds": self.total_rounds,
@@ -216,7 +214,7 @@ class Checkpointer:
             "strategy": self.strategy.state_dict(),
             "client_models": client_models,
             "rng": rng_state(),
-            "records": read_rounds(self.writer.run_dir),
+            "records": list(self.writer.records),
             "evaluated_model": self.evaluated_model() if self.evaluated_model else None,
             "config": self.config,
             "resumes": self.writer.extra.get("resumes", []),

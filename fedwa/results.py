@@ -75,22 +75,28 @@ class ResultsWriter:
         self.started = time.time()
         #: Entries added to ``summary.json`` when the run finishes.
         self.extra: dict[str, Any] = {}
+        #: The records of ``metrics.jsonl`` as written (checkpoints save them each round;
+        #: re-reading the file every round would cost more the longer the run).
+        self.records: list[dict[str, Any]] = []
 
     def write(self, name: str, obj: Any) -> None:
         write_json(self.run_dir / name, _clean(obj))
 
     def append_round(self, record: Mapping[str, Any]) -> None:
+        record = _clean(dict(record))
+        self.records.append(record)
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(_clean(dict(record)), allow_nan=False) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def rewrite_rounds(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Replace ``metrics.jsonl`` with ``records``, atomically (a resumed run drops what
         was written after its checkpoint)."""
+        self.records = [_clean(dict(record)) for record in records]
         tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
         with tmp.open("w") as f:
-            for record in records:
+            for record in self.records:
                 f.write(json.dumps(_clean(dict(record)), allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
