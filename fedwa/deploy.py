@@ -391,19 +391,10 @@ def descendants(root: int, table: Mapping[int, tuple[int, int, str]] | None = No
 
 
 def group_members(pgid: int) -> list[int]:
-    """PIDs currently in process group ``pgid`` (read from /proc; empty elsewhere)."""
-    members = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command name: state, ppid, pgrp, ...; zombies are already dead.
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+    """PIDs currently in process group ``pgid`` (read from /proc; empty elsewhere); zombies
+    are already dead."""
+    return [pid for pid, (_, group, state) in process_table().items()
+            if group == pgid and state != "Z"]
 
 
 def processes_with_env(name: str, value: str) -> list[int]:

@@ -179,10 +179,20 @@ def classification_report(
         raise ValueError(
             f"train_class_counts has {len(train_class_counts)} entries, expected {num_classes}"
         )
-    per_class = per_class_accuracy(preds, targets, num_classes)
+    correct = np.bincount(targets[preds == targets], minlength=num_classes)
+    total = np.bincount(targets, minlength=num_classes)
+    return _report_of_counts(correct, total, train_class_counts, shot_split, many_shot_min,
+                             few_shot_max)
+
+
+def _report_of_counts(correct: np.ndarray, total: np.ndarray,
+                      train_class_counts: Sequence[int], shot_split: str, many_shot_min: int,
+                      few_shot_max: int) -> dict:
+    """The report of per-class correct and total counts (both reports' common part)."""
+    per_class = [float(c / n) if n else None for c, n in zip(correct, total)]
     groups = shot_groups(train_class_counts, shot_split, many_shot_min, few_shot_max)
     report: dict = {
-        "accuracy": float(np.mean(preds == targets)),
+        "accuracy": float(correct.sum() / total.sum()),
         "balanced_accuracy": _mean_or_none(per_class),
         "per_class_accuracy": per_class,
     }
@@ -215,17 +225,8 @@ def report_from_counts(
     if correct.shape != total.shape or total.sum() == 0 or (correct > total).any():
         raise ValueError(f"per-class counts do not add up: correct {correct.tolist()}, "
                          f"total {total.tolist()}")
-    per_class = [float(c / n) if n else None for c, n in zip(correct, total)]
-    groups = shot_groups(train_class_counts, shot_split, many_shot_min, few_shot_max)
-    report: dict = {
-        "accuracy": float(correct.sum() / total.sum()),
-        "balanced_accuracy": _mean_or_none(per_class),
-        "per_class_accuracy": per_class,
-    }
-    for g in SHOT_GROUPS:
-        report[f"{g}_shot_accuracy"] = _mean_or_none(
-            [acc for acc, grp in zip(per_class, groups) if grp == g])
-    report["shot_groups"] = groups
+    report = _report_of_counts(correct, total, train_class_counts, shot_split, many_shot_min,
+                               few_shot_max)
     report["loss"] = float(loss_sum) / float(total.sum())
     return report
 
