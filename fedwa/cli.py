@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", default="accuracy", help="metric of the overlay")
     plot.set_defaults(func=cmd_plot)
 
+    sub.add_parser("deploy", help="credentials, or a SuperLink and SuperNodes on this machine "
+                   "running a config (see `fedwa deploy --help`)", add_help=False)
+
     keys = sub.add_parser("keys", help="list every run-config key with its default")
     keys.add_argument("--toml", action="store_true",
                       help="print as TOML (the [tool.flwr.app.config] table of pyproject.toml)")
@@ -374,6 +377,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["deploy"]:
+        # The deployment launcher keeps its own command line (python -m fedwa.deploy).
+        from fedwa.deploy import main as deploy_main
+
+        return deploy_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1306,7 +1306,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m fedwa.deploy`` parser."""
-    parser = argparse.ArgumentParser(prog="python -m fedwa.deploy", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="fedwa deploy", description=__doc__.split(
         "\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1344,7 +1344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds for the run")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("clientapp-worker", help=argparse.SUPPRESS)
+    p = sub.add_parser("clientapp-worker", help="serve a SuperNode's ClientApp tasks from one "
+                                                "long-lived process (--isolation process)")
     p.add_argument("--runtime-api-address", required=True)
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--root-certificates")

@@ -336,3 +336,14 @@ def test_a_deployment_stopped_mid_run_resumes_to_the_simulations_metrics(
     timing = {"seconds", "client_train"}
     assert [{k: v for k, v in r.items() if k not in timing} for r in _rounds(run_dir)] == \
         [{k: v for k, v in r.items() if k not in timing} for r in _rounds(reference)]
+
+
+def test_fedwa_deploy_validates_the_config_before_starting_anything(
+        capsys: pytest.CaptureFixture) -> None:
+    from fedwa.cli import main as fedwa_main
+
+    assert fedwa_main(["deploy", "run", "--supernodes", "2", "--set", "lr=-1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fedwa.deploy: error: config key 'lr' = -1.0 is not allowed: a number > 0")
+    assert fedwa_main(["deploy", "run", "--supernodes", "2", "--set", "num-clients=3"]) == 2
+    assert "2, the number of SuperNodes" in capsys.readouterr().err
