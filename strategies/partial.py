@@ -61,7 +61,9 @@ class PartialAveraging(FedAvg):
         self.eval_every = partial_eval_every
         self.groups: list[list[str]] | None = None
         self.full: dict | None = None
-        self.last_round_of: dict[int, int] = {}  # node -> last round it trained in
+        # partition id -> last round it trained in; partitions, unlike node ids, survive a
+        # deployment restarted to resume
+        self.last_round_of: dict[int, int] = {}
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,15 +86,20 @@ class PartialAveraging(FedAvg):
             server_round, ArrayRecord(select(self.full, down)), config, grid))
         # Replies carry the group synchronised this round, not the one that went down.
         self.sent_arrays = ArrayRecord(select(self.full, up))
+        partition_of = getattr(grid, "partition_of", {})
+        keys = [partition_of.get(m.metadata.dst_node_id, m.metadata.dst_node_id)
+                for m in messages]
         if self.rejoin == "server":
-            messages = [self._rejoin(m, server_round, config) for m in messages]
-        for m in messages:
-            self.last_round_of[m.metadata.dst_node_id] = server_round
+            messages = [self._rejoin(m, key, server_round, config)
+                        for m, key in zip(messages, keys)]
+        for key in keys:
+            self.last_round_of[key] = server_round
         return messages
 
-    def _rejoin(self, message: Message, server_round: int, config: ConfigRecord) -> Message:
+    def _rejoin(self, message: Message, key: int, server_round: int,
+                config: ConfigRecord) -> Message:
         node = message.metadata.dst_node_id
-        last = self.last_round_of.get(node, 0)
+        last = self.last_round_of.get(key, 0)
         if last in (0, server_round - 1):  # never trained (starts from the shared init) or
             return message                 # trained last round: nothing was missed
         content = RecordDict({"arrays": ArrayRecord(self.full), "config": config})
