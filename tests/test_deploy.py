@@ -310,8 +310,10 @@ def test_a_deployment_stopped_mid_run_resumes_to_the_simulations_metrics(
     stop = threading.Event()
     with Deployment(tmp_path / "work1", 2, isolation="process") as d:
         d.start(timeout=120)
-        # Everything goes down once round 2 is recorded: SuperLink, ServerApp and SuperNodes.
-        watcher = _when_round(out, 2, lambda _: d.stop(), stop)
+        # Everything goes down once round 2 is recorded, the SuperLink and its ServerApp
+        # first: a ServerApp that outlived its SuperNodes would finish round 3 without them
+        # (as it should), and the run would then differ from the simulation.
+        watcher = _when_round(out, 2, lambda _: (d.superlink.stop(), d.stop()), stop)
         with pytest.raises(DeployError):
             d.run_app(config, project_dir=PROJECT, output_dir=out, timeout=400)
         stop.set()
@@ -334,8 +336,12 @@ def test_a_deployment_stopped_mid_run_resumes_to_the_simulations_metrics(
     simulate(resolve_config({**config, "output-dir": str(tmp_path)}), reference,
              show_progress=False, plot=False)
     timing = {"seconds", "client_train"}
-    assert [{k: v for k, v in r.items() if k not in timing} for r in _rounds(run_dir)] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in _rounds(reference)]
+    got = [{k: v for k, v in r.items() if k not in timing} for r in _rounds(run_dir)]
+    want = [{k: v for k, v in r.items() if k not in timing} for r in _rounds(reference)]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        differing = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        assert not differing, f"round {a['round']}: deployed vs simulated {differing}"
 
 
 def test_fedwa_deploy_validates_the_config_before_starting_anything(
