@@ -1221,12 +1221,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except FedwaError as err:  # one line naming the key, before anything starts
         print(f"fedwa.deploy: error: {err}", file=sys.stderr)
         return 2
-    given = parse_run_config_keys(args.run_config)
-    if "output-dir" in given and not Path(given["output-dir"]).is_absolute():
-        # Checked before anything starts: Flower runs the ServerApp in its own folder.
-        print(f"fedwa.deploy: error: output-dir must be an absolute path, not "
-              f"{given['output-dir']} (or use --output-dir)", file=sys.stderr)
-        return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedwa-deploy-")).resolve()
     _install_signal_handlers()
     t0 = time.monotonic()
@@ -1242,7 +1236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"({'insecure' if args.insecure else 'TLS'}"
                   f"{', SuperNode auth' if deployment.auth else ''}, isolation "
                   f"{args.isolation}); logs in {deployment.logs}", flush=True)
-            run_dir = deployment.run_app(args.run_config, output_dir=args.output_dir,
+            run_dir = deployment.run_app(args.run_config,
                                          project_dir=args.project_dir, timeout=args.timeout)
         summary = _read_json(run_dir / "summary.json") or {}
         final = summary.get("final", {})
@@ -1281,6 +1275,12 @@ def run_config_text(args: argparse.Namespace) -> str:
                  **pairs}
     overrides.setdefault("num-clients", args.supernodes)
     config = resolve_config(overrides)
+    if args.output_dir and "output-dir" in overrides:
+        raise ConfigError("--output-dir", args.output_dir, "given once: the config sets "
+                          f"output-dir = {overrides['output-dir']!r} too")
+    # As `fedwa run`: results under this folder's output-dir (default runs/), made absolute
+    # here because Flower runs the ServerApp in a folder of its own.
+    overrides["output-dir"] = str(Path(args.output_dir or config["output-dir"]).resolve())
     if config["num-clients"] != args.supernodes:
         raise ConfigError("num-clients", config["num-clients"],
                           f"{args.supernodes}, the number of SuperNodes (--supernodes)")
@@ -1337,7 +1337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue that run (absolute path) from its checkpoint")
     p.add_argument("--run-config", default="", help='e.g. "num-server-rounds=3 model=\'mlp\'"')
-    p.add_argument("--output-dir", help="results folder (default: WORKDIR/runs)")
+    p.add_argument("--output-dir", help="results folder (default: the config's output-dir, "
+                                        "runs/ under this folder)")
     p.add_argument("--project-dir", default=str(PROJECT_DIR),
                    help="the Flower app to run (default: this checkout)")
     p.add_argument("--workdir", help="logs, FLWR_HOME, credentials (default: a new tmp folder)")

@@ -219,7 +219,8 @@ def test_without_auth_the_keyless_supernode_joins(tmp_path: Path) -> None:
 def test_the_launcher_stops_everything_on_sigterm(tmp_path: Path) -> None:
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "fedwa.deploy", "run", "--supernodes", "2", "--workdir",
-           str(work), "--run-config", "num-server-rounds=50 model='mlp' local-steps=5"]
+           str(work), "--output-dir", str(tmp_path / "runs"),
+           "--run-config", "num-server-rounds=50 model='mlp' local-steps=5"]
     proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -353,3 +354,6 @@ def test_fedwa_deploy_validates_the_config_before_starting_anything(
         "fedwa.deploy: error: config key 'lr' = -1.0 is not allowed: a number > 0")
     assert fedwa_main(["deploy", "run", "--supernodes", "2", "--set", "num-clients=3"]) == 2
     assert "2, the number of SuperNodes" in capsys.readouterr().err
+    assert fedwa_main(["deploy", "run", "--supernodes", "2", "--output-dir", "/tmp/x",
+                       "--set", "output-dir=/tmp/y"]) == 2
+    assert "--output-dir" in capsys.readouterr().err
