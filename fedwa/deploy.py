@@ -1260,7 +1260,8 @@ def run_config_text(args: argparse.Namespace) -> str:
     from fedwa.checkpoint import resume_config
     from fedwa.config import load_toml, parse_set, resolve_config
 
-    pairs = {k: _toml_value(v) for k, v in parse_run_config_keys(args.run_config).items()}
+    # `--run-config "k=v k2='text'"`: shell-style words, each a `--set` pair.
+    pairs = parse_set(shlex.split(args.run_config))
     if args.resume:
         if args.config:
             raise ConfigError("CONFIG", args.config, "no config file with --resume: a resumed "
@@ -1285,16 +1286,6 @@ def run_config_text(args: argparse.Namespace) -> str:
         raise ConfigError("num-clients", config["num-clients"],
                           f"{args.supernodes}, the number of SuperNodes (--supernodes)")
     return format_run_config(overrides)
-
-
-def _toml_value(text: str) -> Any:
-    """A ``--run-config`` value as TOML reads it (bare words stay strings)."""
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -1335,7 +1326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue that run (absolute path) from its checkpoint")
+                   help="continue that run from its checkpoint")
     p.add_argument("--run-config", default="", help='e.g. "num-server-rounds=3 model=\'mlp\'"')
     p.add_argument("--output-dir", help="results folder (default: the config's output-dir, "
                                         "runs/ under this folder)")

@@ -91,8 +91,8 @@ def node_data(config: Mapping[str, Any], node_config: Mapping[str, Any], data: A
         folder = str(Path(str(folder)).expanduser().resolve())
         if not Path(folder).is_dir():
             raise FedwaError(f"node_config data-dir = {folder!r} is not a folder")
-        stamp = max(p.stat().st_mtime for p in Path(folder).glob("*.npz")) \
-            if any(Path(folder).glob("*.npz")) else 0.0
+        # New or rewritten files must not be served from the cache.
+        stamp = max((p.stat().st_mtime for p in Path(folder).glob("*.npz")), default=0.0)
         parts = _load_folder(folder, stamp, tuple(data.input_shape), int(data.num_classes))
         (x, y), test = parts[0], (parts[1] if len(parts) > 1 else None)
     else:

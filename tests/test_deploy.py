@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fedwa.deploy import (Credentials, Deployment, DeployError, format_run_config, main,
                           make_credentials, online_supernodes, parse_run_config_keys,
                           processes_with_env)
+from fedwa.results import read_rounds
 
 PROJECT = Path(__file__).resolve().parents[1]
 MISSING = [exe for exe in ("flower-superlink", "flower-supernode", "flwr")
@@ -249,17 +250,12 @@ def test_the_launcher_stops_everything_on_sigterm(tmp_path: Path) -> None:
 # --- faults and resume on a real deployment ---------------------------------------------------
 
 
-def _rounds(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _when_round(out: Path, server_round: int, action, stop: threading.Event) -> threading.Thread:
     """Run ``action`` once a run under ``out`` has recorded ``server_round``."""
     def watch() -> None:
         while not stop.is_set():
             for run_dir in out.glob("*"):
-                if any(r.get("round", -1) >= server_round for r in _rounds(run_dir)):
+                if any(r.get("round", -1) >= server_round for r in read_rounds(run_dir)):
                     action(run_dir)
                     return
             time.sleep(0.2)
@@ -291,7 +287,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path: Path) -> Non
     assert killed == [1]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 4
-    rounds = _rounds(run_dir)
+    rounds = read_rounds(run_dir)
     assert rounds[1]["clients_ok"] == 3
     # After the kill the dead node is either no longer listed or times out; the others go on.
     assert rounds[-1]["clients_ok"] == 2
@@ -337,8 +333,8 @@ def test_a_deployment_stopped_mid_run_resumes_to_the_simulations_metrics(
     simulate(resolve_config({**config, "output-dir": str(tmp_path)}), reference,
              show_progress=False, plot=False)
     timing = {"seconds", "client_train"}
-    got = [{k: v for k, v in r.items() if k not in timing} for r in _rounds(run_dir)]
-    want = [{k: v for k, v in r.items() if k not in timing} for r in _rounds(reference)]
+    got = [{k: v for k, v in r.items() if k not in timing} for r in read_rounds(run_dir)]
+    want = [{k: v for k, v in r.items() if k not in timing} for r in read_rounds(reference)]
     assert len(got) == len(want)
     for a, b in zip(got, want):
         differing = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
