@@ -51,3 +51,18 @@ def test_state_dict_round_trip_owns_its_memory() -> None:
         assert state[key].dtype == value.dtype and torch.equal(state[key], value)
     state["matrix"].add_(1.0)  # writable, and the record is untouched
     assert torch.equal(to_state_dict(record)["matrix"], TENSORS["matrix"])
+
+
+@pytest.mark.parametrize("name", TENSORS)
+def test_fast_constructors_build_what_flowers_do(name: str) -> None:
+    # new_array / new_array_record set Flower's fields directly: a flwr upgrade that renames
+    # them or adds state must fail here, not in a run.
+    tensor = TENSORS[name]
+    ours = to_record({name: tensor})
+    flowers = ArrayRecord({name: Array(tensor.detach().numpy())})
+    assert ours == flowers
+    assert ours[name].is_dirty == flowers[name].is_dirty
+    assert ours.object_id == flowers.object_id  # what Flower hashes and ships
+    assert ours.count_bytes() == flowers.count_bytes()
+    np.testing.assert_array_equal(ours[name].numpy(), flowers[name].numpy())
+    assert isinstance(ours[name].shape, tuple) and ours[name].dtype == flowers[name].dtype
