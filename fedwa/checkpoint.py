@@ -11,10 +11,18 @@ checkpoint of a finished round. It holds:
 - ``client_models``: models that clients keep between rounds (partial averaging), by
   partition id, fetched from the nodes with a ``query.local_model`` message;
 - ``rng``: the server process's Python, NumPy and torch generator states;
-- ``records``: the per-round results so far (``metrics.jsonl`` is rewritten from them on
-  resume, so a round record written after the checkpoint cannot be counted twice);
+- ``records_count``: how many per-round records ``metrics.jsonl`` held (on resume the file
+  is cut back to them, so a round record written after the checkpoint cannot be counted
+  twice). The records themselves stay in ``metrics.jsonl``: saving them again every round
+  would make a checkpoint cost grow with the run's length;
 - ``evaluated_model``: the last evaluated main model (saved as ``model.pt`` at the end);
 - ``config``: the run config the checkpoint belongs to.
+
+``metrics.jsonl`` is flushed to disk before each checkpoint, so a checkpoint on disk always has
+its records there. A checkpoint that falls due less than ``checkpoint-min-seconds`` after the
+previous one is skipped (the last round's never is): on rounds of a few milliseconds, writing
+every round cost a tenth of the run, and a kill still loses at most that many seconds plus
+the round in flight.
 
 Resuming (:func:`resume_config`, then ``run_federation``) continues at ``round + 1`` and loses
 at most the round that was in flight. Client-side state travels back to the nodes in a
@@ -23,9 +31,10 @@ at most the round that was in flight. Client-side state travels back to the node
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -38,6 +47,7 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
 from fedwa.arrays import to_record, to_state_dict
 from fedwa.errors import CheckpointError
+from fedwa.results import read_rounds, write_durably
 
 log = logging.getLogger("fedwa")
 
@@ -48,7 +58,8 @@ RESTORE_ACTION = f"{MessageType.QUERY}.restore_local_model"
 
 #: Keys a resumed run may change: where and how it runs, not what it computes.
 RUNTIME_KEYS = ("backend", "device", "client-cpus", "client-gpus", "round-timeout",
-                "min-available-clients", "round-retries", "checkpoint-every")
+                "min-available-clients", "round-retries", "checkpoint-every",
+                "checkpoint-min-seconds")
 
 
 # --- random generators ------------------------------------------------------------------------
@@ -75,18 +86,17 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # --- the file ---------------------------------------------------------------------------------
 
 
+def checkpoint_bytes(payload: Mapping[str, Any]) -> bytes:
+    """``payload`` serialised as a checkpoint file's contents."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(run_dir: str | Path, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` as the run's checkpoint, atomically; return its path."""
     path = Path(run_dir) / CHECKPOINT_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    # The rename makes the new checkpoint whole or absent for any process that dies. The
-    # folder is not fsynced: after a power cut that could leave the previous checkpoint (one
-    # more round lost), and syncing it cost as much as the write on short rounds.
-    os.replace(tmp, path)
+    write_durably(path, checkpoint_bytes(payload))
     return path
 
 
@@ -107,6 +117,22 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     return payload
 
 
+def checkpointed_records(checkpoint: Mapping[str, Any], run_dir: str | Path
+                         ) -> list[dict[str, Any]]:
+    """The round records of ``run_dir`` up to the checkpoint's round: what ``metrics.jsonl``
+    is cut back to on resume. Raises :class:`CheckpointError` when the file lacks some."""
+    if "records" in checkpoint:  # checkpoints written before 2026-11-22 carried the records
+        return [dict(r) for r in checkpoint["records"]]
+    done = int(checkpoint["round"])
+    records = [r for r in read_rounds(run_dir) if int(r.get("round", -1)) <= done]
+    expected = int(checkpoint["records_count"])
+    if len(records) != expected:
+        raise CheckpointError(f"{Path(run_dir) / 'metrics.jsonl'} holds {len(records)} round "
+                              f"records up to round {done}, the checkpoint counted {expected}; "
+                              "was the file edited or truncated?")
+    return records
+
+
 def resume_config(run_dir: str | Path, runtime: Mapping[str, Any] | None = None
                   ) -> dict[str, Any]:
     """The overrides that continue ``run_dir``: its saved config, ``resume`` set to it, and
@@ -122,7 +148,7 @@ def resume_config(run_dir: str | Path, runtime: Mapping[str, Any] | None = None
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{run_dir} is not a fedwa run folder (no config.json)")
-    load_checkpoint(run_dir)  # fail now, before any engine starts
+    checkpointed_records(load_checkpoint(run_dir), run_dir)  # fail now, before any engine starts
     for key in runtime or {}:
         if key not in RUNTIME_KEYS:
             raise ConfigError(key, runtime[key], "not changeable on resume; only "
@@ -194,19 +220,25 @@ class Checkpointer:
                  total_rounds: int, evaluated_model: Any = None) -> None:
         self.writer, self.config, self.strategy, self.grid = writer, dict(config), strategy, grid
         self.every = int(config.get("checkpoint-every", 1))
+        self.min_seconds = float(config.get("checkpoint-min-seconds", 0.0))
+        self.last_written = -math.inf  # time.monotonic() of the last checkpoint
         self.total_rounds = total_rounds
         self.evaluated_model = evaluated_model
         self.seconds = 0.0
         self.last_round: int | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord | None) -> None:
-        if self.every == 0 or (server_round % self.every and server_round != self.total_rounds):
+        last = server_round == self.total_rounds
+        if self.every == 0 or (server_round % self.every and not last):
+            return
+        if not last and time.monotonic() - self.last_written < self.min_seconds:
             return
         started = time.perf_counter()
         client_models = None
         if getattr(self.strategy, "keeps_client_models", False):
             client_models = fetch_client_models(self.grid, float(self.config["round-timeout"]))
             self.grid.take_traffic()  # checkpoint traffic is not the next round's
+        self.writer.sync()  # the records it counts reach the disk first
         save_checkpoint(self.writer.run_dir, {
             "round": server_round,
             "total_rounds": self.total_rounds,
@@ -214,7 +246,7 @@ class Checkpointer:
             "strategy": self.strategy.state_dict(),
             "client_models": client_models,
             "rng": rng_state(),
-            "records": list(self.writer.records),
+            "records_count": len(self.writer.records),
             "evaluated_model": self.evaluated_model() if self.evaluated_model else None,
             "config": self.config,
             "resumes": self.writer.extra.get("resumes", []),
@@ -222,3 +254,4 @@ class Checkpointer:
         })
         self.seconds += time.perf_counter() - started
         self.last_round = server_round
+        self.last_written = time.monotonic()

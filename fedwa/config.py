@@ -190,6 +190,9 @@ CORE_KEYS: tuple[Key, ...] = (
         "is tried again before the run stops.", check=at_least(0)),
     Key("checkpoint-every", 1, "Rounds between checkpoints (checkpoint.pt in the run folder; "
         "0 = none).", check=at_least(0)),
+    Key("checkpoint-min-seconds", 10.0, "A due checkpoint is skipped when the last one is "
+        "younger than this (the last round is always saved; 0 = every due round), so short "
+        "rounds do not spend their time saving.", check=lambda v: None if v >= 0 else ">= 0"),
     Key("resume", "", "Run folder to continue from its checkpoint ('' = a new run; `fedwa run "
         "--resume RUN_DIR` sets it)."),
     Key("eval-batch-size", 1024, "Batch size of evaluation.", check=at_least(1)),

@@ -21,8 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedwa.arrays import to_record, to_state_dict
 from fedwa.bn import (batchnorm_layers, combine_moments, has_batchnorm, moments_to_stats,
                       recompute_bn, set_bn_stats)
-from fedwa.checkpoint import (RUNTIME_KEYS, Checkpointer, load_checkpoint, restore_client_models,
-                              resume_config, set_rng_state)
+from fedwa.checkpoint import (RUNTIME_KEYS, Checkpointer, checkpointed_records, load_checkpoint,
+                              restore_client_models, resume_config, set_rng_state)
 from fedwa.config import resolve_config
 from fedwa.errors import AllClientsFailedError, CheckpointError
 from fedwa.grid import FedwaGrid
@@ -98,7 +98,7 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     else:
         # Records written after the checkpoint belong to the round that was lost; the
         # summary of an earlier failed attempt no longer describes the run.
-        writer.rewrite_rounds(checkpoint["records"])
+        writer.rewrite_rounds(checkpointed_records(checkpoint, run_dir))
         (writer.run_dir / "summary.json").unlink(missing_ok=True)
     fedwa_grid = FedwaGrid(grid, config)
     rounds = total_rounds(strategy, config)

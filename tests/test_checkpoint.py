@@ -5,6 +5,7 @@ was never interrupted (CPU, same seed)."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import random
 import signal
@@ -28,7 +29,8 @@ from fedwa.results import read_rounds
 REPO = Path(__file__).resolve().parents[1]
 # Rounds of ~0.3 s: long enough to be killed in the middle of one.
 SMALL = {"dataset": "digits", "model": "mlp", "num-clients": 3, "num-server-rounds": 5,
-         "local-steps": 60, "imbalance-ratio": 1.0}
+         "local-steps": 60, "imbalance-ratio": 1.0,
+         "checkpoint-min-seconds": 0.0}  # these rounds are short: checkpoint every one
 TIMING = {"seconds", "train-seconds", "align-seconds", "merge-seconds"}
 
 
@@ -110,6 +112,18 @@ def test_a_checkpoint_of_another_config_is_refused(finished: Path, tmp_path: Pat
         check_resumable(checkpoint, config)
 
 
+def test_a_truncated_metrics_file_is_refused_before_resuming(finished: Path,
+                                                             tmp_path: Path) -> None:
+    # The checkpoint counts the records; metrics.jsonl holds them (rounds 0, 1, 2).
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished, damaged)
+    lines = (damaged / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (damaged / "metrics.jsonl").write_text("".join(lines[:2]))
+    with pytest.raises(CheckpointError, match="holds 2 round records up to round 2, the "
+                                              "checkpoint counted 3"):
+        resume_config(damaged)
+
+
 def test_resuming_a_finished_run_changes_nothing(finished: Path) -> None:
     before = comparable(read_rounds(finished))
     assert cli_main(["run", "--quiet", "--resume", str(finished)]) == 0
@@ -125,6 +139,27 @@ def test_checkpoint_every_zero_writes_none(tmp_path: Path) -> None:
                              "output-dir": str(tmp_path)}), run_dir, show_progress=False,
              plot=False)
     assert not (run_dir / CHECKPOINT_NAME).exists()
+
+
+@pytest.mark.parametrize("min_seconds, saved", [(0.0, [0, 1, 2, 3]), (3600.0, [0, 3])])
+def test_checkpoints_younger_than_min_seconds_are_skipped_but_never_the_last(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_seconds: float,
+        saved: list[int]) -> None:
+    import fedwa.checkpoint
+
+    rounds: list[int] = []
+    real = fedwa.checkpoint.save_checkpoint
+    monkeypatch.setattr(fedwa.checkpoint, "save_checkpoint",
+                        lambda run_dir, payload: (rounds.append(payload["round"]),
+                                                  real(run_dir, payload))[1])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    simulate(resolve_config({**SMALL, "num-server-rounds": 3, "local-steps": 2,
+                             "checkpoint-min-seconds": min_seconds,
+                             "output-dir": str(tmp_path)}), run_dir, show_progress=False,
+             plot=False)
+    assert rounds == saved
+    assert load_checkpoint(run_dir)["records_count"] == 4  # rounds 0-3 in metrics.jsonl
 
 
 # --- SIGKILL mid-round, then resume -----------------------------------------------------------

@@ -303,7 +303,7 @@ def test_a_deployment_stopped_mid_run_resumes_to_the_simulations_metrics(
 
     out = tmp_path / "runs"
     out.mkdir()
-    config = {**RUN, "num-server-rounds": 4}
+    config = {**RUN, "num-server-rounds": 4, "checkpoint-min-seconds": 0.0}
     stop = threading.Event()
     with Deployment(tmp_path / "work1", 2, isolation="process") as d:
         d.start(timeout=120)
