@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedwa.arrays import to_record, to_state_dict
+from fedwa.arrays import record_entries, to_record, to_state_dict
 from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
@@ -33,7 +33,7 @@ app = ClientApp()
 def run_config_of(message: Message, context: Context) -> dict[str, Any]:
     """The server's resolved config; ``context.run_config`` only when a message lacks it."""
     if RUN_CONFIG_KEY in message.content.config_records:
-        return dict(message.content[RUN_CONFIG_KEY])
+        return record_entries(message.content[RUN_CONFIG_KEY])
     return resolve_config(context.run_config, other_strategy_keys="drop")
 
 

@@ -31,12 +31,14 @@ def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
         reason = reply.error.reason.strip().splitlines()
         return f"client error: {reason[-1] if reason else 'no reason given'}"
     content = reply.content
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+    # Looked up by name: RecordDict's ``array_records`` view builds a new mapping every call.
+    arrays = content["arrays"] if "arrays" in content else None
+    metrics = content["metrics"] if "metrics" in content else None
+    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
         return "reply lacks 'arrays' or 'metrics'"
-    examples = content["metrics"].get("num-examples")
+    examples = metrics.get("num-examples")
     if not isinstance(examples, (int, float)) or not examples > 0:
         return f"num-examples is {examples!r}, expected a number > 0"
-    arrays = content["arrays"]
     if expected is not None:
         if set(arrays.keys()) != set(expected.keys()):
             missing = sorted(set(expected.keys()) - set(arrays.keys()))[:3]
@@ -52,7 +54,7 @@ def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
                 return f"array '{name}' has dtype {array.dtype}, expected {expected[name].dtype}"
     for name, array in arrays.items():
         values = array_view(array)
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
             return f"array '{name}' holds NaN or inf"
     return None
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedwa.arrays import array_view, to_array, to_record, to_state_dict
+from fedwa.arrays import array_view, record_entries, to_array, to_record, to_state_dict
 
 TENSORS = {
     "matrix": torch.randn(3, 4),
@@ -66,3 +66,14 @@ def test_fast_constructors_build_what_flowers_do(name: str) -> None:
     assert ours.count_bytes() == flowers.count_bytes()
     np.testing.assert_array_equal(ours[name].numpy(), flowers[name].numpy())
     assert isinstance(ours[name].shape, tuple) and ours[name].dtype == flowers[name].dtype
+
+
+def test_record_entries_equal_the_mapping_interface() -> None:
+    from flwr.app import ConfigRecord, MetricRecord
+
+    for record in (ConfigRecord({"a": 1, "b": "x", "c": [1.5, 2.5], "d": b"raw"}),
+                   MetricRecord({"loss": 0.5, "n": 3}), to_record(TENSORS)):
+        entries = record_entries(record)
+        assert entries == dict(record)
+        entries["new"] = 1  # a copy: the record is untouched
+        assert "new" not in record
