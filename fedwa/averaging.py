@@ -206,6 +206,45 @@ def fused_weighted_average(
     return {n: result[n] for n in names}
 
 
+def flat_weighted_average(rows: torch.Tensor | Sequence[torch.Tensor],
+                          weights: Sequence[float] | None = None, *,
+                          block_elements: int = _BLOCK_ELEMENTS) -> torch.Tensor:
+    """Weighted mean of models held as flat 1-d buffers (rows of a ``K x P`` tensor, or a
+    list of ``K`` tensors of ``P`` elements).
+
+    The same operations per element, in the same order, as :func:`weighted_average` on the
+    models' state dicts, so for float32 and float64 the result is the same bit for bit (their
+    kernels round alike wherever an element falls in a vectorised loop; float16 does not, see
+    ``tests/test_averaging.py``). What differs is the cost on small models: ``K`` kernel
+    calls in all, where a state dict takes ``K`` per tensor, plus the Python that walks them.
+    :func:`fedwa.arrays.average_records` decodes clients' replies straight into such rows.
+
+    Example
+    -------
+    >>> import torch
+    >>> flat_weighted_average(torch.tensor([[0.0, 2.0], [4.0, 6.0]]), [1, 3])
+    tensor([3., 5.])
+    """
+    if isinstance(rows, torch.Tensor):
+        if rows.dim() != 2:
+            raise ValueError(f"flat_weighted_average takes a K x P tensor, got shape "
+                             f"{tuple(rows.shape)}")
+        rows = rows.unbind(0)
+    coefficients = normalise_weights(weights, len(rows))
+    size = rows[0].numel()
+    if any(row.dim() != 1 or row.numel() != size for row in rows):
+        raise ValueError("flat_weighted_average takes 1-d rows of one length")
+    if size <= block_elements:
+        total = torch.mul(rows[0], coefficients[0])
+        for row, c in zip(rows[1:], coefficients[1:]):
+            total.add_(row, alpha=c)
+        return total
+    models = [{"flat": row} for row in rows]
+    with torch.no_grad():
+        (total,) = _blocked_sum(models, ["flat"], coefficients, _blocks([size], block_elements))
+    return total
+
+
 def reference_weighted_average(
     state_dicts: Sequence[StateDict], weights: Sequence[float] | None = None
 ) -> dict[str, torch.Tensor]:

@@ -4,8 +4,10 @@
 ``P``, like a model whose first or last layer dominates, plus an integer counter) are averaged
 with ``fedwa.averaging.weighted_average`` (fused, one pass) and with
 ``reference_weighted_average`` (the previous implementation: the whole accumulator, model after
-model). The baseline is ``torch.Tensor.copy_`` of the ``K * P`` float32 buffer that holds the
-models (their tensors are views into it), timed in the same run.
+model), and with ``flat_weighted_average`` on the same models as the rows of one ``K x P``
+buffer (how ``fedwa.arrays.average_records`` holds clients' replies: FedAvg's path). The
+baseline is ``torch.Tensor.copy_`` of the ``K * P`` float32 buffer that holds the models (their
+tensors are views into it), timed in the same run.
 
 Throughput is memory traffic per second: the average reads ``K * P * 4`` bytes and writes
 ``P * 4``; the copy reads and writes ``K * P * 4`` bytes each. ``of copy`` is the average's
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from fedwa.averaging import reference_weighted_average, weighted_average
+from fedwa.averaging import flat_weighted_average, reference_weighted_average, weighted_average
 
 # Fractions of P per tensor (sum 1): one dominant layer, a few mid-sized, some small ones.
 _SHARES = (0.60, 0.20, 0.10, 0.05, 0.03, 0.015, 0.004, 0.0008, 0.0002)
@@ -129,24 +131,30 @@ def measure(k: int, p: int, args: argparse.Namespace) -> dict:
             target.copy_(stacked)
     fused_out = weighted_average(states, weights)
     reference_out = reference_weighted_average(states, weights)
-    row["identical"] = all(torch.equal(fused_out[n], reference_out[n]) for n in fused_out)
-    del fused_out, reference_out
+    flat_out = flat_weighted_average(stacked, weights)
+    row["identical"] = all(torch.equal(fused_out[n], reference_out[n]) for n in fused_out) \
+        and torch.equal(torch.cat([fused_out[n] for n in fused_out if n.startswith("layer")]),
+                        flat_out)
+    del fused_out, reference_out, flat_out
     best = best_times(args.repeats, {
         "copy": copy,
         "fused": lambda: weighted_average(states, weights),
+        "flat": lambda: flat_weighted_average(stacked, weights),
         "old": lambda: reference_weighted_average(states, weights),
     })
-    t_copy, t_fused, t_old = best["copy"], best["fused"], best["old"]
+    t_copy, t_fused, t_flat, t_old = best["copy"], best["fused"], best["flat"], best["old"]
     average_bytes = (k * p + p) * 4
     copy_bytes = 2 * k * p * 4
     row.update({
         "copy": "segments" if segmented else "whole",
         "copy_GBps": copy_bytes / t_copy / 1e9,
         "fused_GBps": average_bytes / t_fused / 1e9,
+        "flat_GBps": average_bytes / t_flat / 1e9,
         "old_GBps": average_bytes / t_old / 1e9,
-        "copy_s": t_copy, "fused_s": t_fused, "old_s": t_old,
+        "copy_s": t_copy, "fused_s": t_fused, "flat_s": t_flat, "old_s": t_old,
     })
     row["fused_of_copy"] = row["fused_GBps"] / row["copy_GBps"]
+    row["flat_of_copy"] = row["flat_GBps"] / row["copy_GBps"]
     row["old_of_copy"] = row["old_GBps"] / row["copy_GBps"]
     return row
 
@@ -172,7 +180,8 @@ def main() -> int:
     print(f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
           f"{available_bytes() / 1e9:.1f} GB available, best of >= {args.repeats} runs")
     header = (f"{'K':>4}{'P':>11}{'models GB':>10}{'copy GB/s':>11}{'fused GB/s':>11}"
-              f"{'of copy':>8}{'old GB/s':>10}{'of copy':>8}{'fused/old':>10}  note")
+              f"{'of copy':>8}{'flat GB/s':>10}{'of copy':>8}{'old GB/s':>10}{'of copy':>8}"
+              f"{'fused/old':>10}  note")
     print(header)
     print("-" * len(header))
     rows = []
@@ -189,6 +198,7 @@ def main() -> int:
                 note += " MISMATCH"
             print(f"{k:>4}{p:>11}{row['models_GB']:>10.2f}{row['copy_GBps']:>11.2f}"
                   f"{row['fused_GBps']:>11.2f}{row['fused_of_copy']:>8.0%}"
+                  f"{row['flat_GBps']:>10.2f}{row['flat_of_copy']:>8.0%}"
                   f"{row['old_GBps']:>10.2f}{row['old_of_copy']:>8.0%}"
                   f"{row['old_s'] / row['fused_s']:>10.2f}  {note}", flush=True)
     print("GB/s = (bytes read + bytes written) / s; average: (K+1)*P*4 bytes, copy: 2*K*P*4")

@@ -9,15 +9,15 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedwa.arrays import to_state_dict
-from fedwa.averaging import weighted_average
+from fedwa.arrays import average_records
 from strategies.base import FedwaStrategy
 
 
 class FedAvg(FedwaStrategy, FlowerFedAvg):
     """Example-weighted average of the clients' models.
 
-    Float arrays are averaged with :func:`fedwa.averaging.weighted_average`; integer buffers
+    Float arrays are averaged with :func:`fedwa.arrays.average_records` (the numbers of
+    :func:`fedwa.averaging.weighted_average`, from flat buffers); integer buffers
     (BatchNorm's ``num_batches_tracked``) take the maximum instead of a float mean.
     Override :meth:`client_weights` to weight clients differently.
     """
@@ -27,5 +27,7 @@ class FedAvg(FedwaStrategy, FlowerFedAvg):
         return [float(r.content["metrics"]["num-examples"]) for r in replies]
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord:
-        states = [to_state_dict(r.content["arrays"]) for r in replies]
-        return ArrayRecord(weighted_average(states, self.client_weights(replies)))
+        # Decoded straight into one flat buffer per model: the same numbers as averaging
+        # their state dicts, in K kernel calls instead of K per entry.
+        return ArrayRecord(average_records([r.content["arrays"] for r in replies],
+                                           self.client_weights(replies)))

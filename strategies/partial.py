@@ -26,8 +26,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedwa.arrays import to_state_dict
-from fedwa.averaging import weighted_average
+from fedwa.arrays import average_records, to_state_dict
 from fedwa.config import Key, at_least
 from fedwa.partial import group_for_round, merge, partition_groups, select
 from strategies.fedavg import FedAvg
@@ -106,8 +105,9 @@ class PartialAveraging(FedAvg):
         return Message(content, node, message.metadata.message_type)
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord:
-        states = [to_state_dict(r.content["arrays"]) for r in replies]
-        self.full = merge(self.full, weighted_average(states, self.client_weights(replies)))
+        average = average_records([r.content["arrays"] for r in replies],
+                                  self.client_weights(replies))
+        self.full = merge(self.full, average)
         return ArrayRecord(self.full)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 
-from fedwa.arrays import to_state_dict
-from fedwa.averaging import weighted_average
+from fedwa.arrays import average_records, to_state_dict
 from fedwa.config import Key, at_least, positive
 from fedwa.errors import ConfigError
 from fedwa.twa import Subspace, SubspaceOptimizer, flatten, layer_blocks, learnable_names
@@ -237,8 +236,8 @@ class TWAt(_TWA):
         if server_round <= self.train_rounds:
             return super().aggregate_replies(server_round, replies)
         assert self.optimizer is not None
-        gradients = [to_state_dict(r.content["arrays"]) for r in replies]
-        mean = weighted_average(gradients, self.client_weights(replies))
+        mean = average_records([r.content["arrays"] for r in replies],
+                               self.client_weights(replies))
         weights = self.optimizer.step(flatten(mean, self.names))
         return self.arrays_at(weights)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedwa.arrays import array_view, record_entries, to_array, to_record, to_state_dict
+from fedwa.arrays import (array_view, average_records, record_entries, to_array, to_record,
+                          to_state_dict)
 
 TENSORS = {
     "matrix": torch.randn(3, 4),
@@ -77,3 +78,36 @@ def test_record_entries_equal_the_mapping_interface() -> None:
         assert entries == dict(record)
         entries["new"] = 1  # a copy: the record is untouched
         assert "new" not in record
+
+
+def test_average_records_equals_the_state_dict_average_bit_for_bit() -> None:
+    from fedwa.averaging import weighted_average
+
+    gen = torch.Generator().manual_seed(0)
+    records = [to_record({
+        "conv": torch.randn(64, 3, 3, 3, generator=gen), "n": torch.tensor(3 * k),
+        "double": torch.randn(301, generator=gen).double(),
+        "half": torch.randn(77, generator=gen).half(),  # not flat-safe: the per-entry path
+        "scalar": torch.randn((), generator=gen), "empty": torch.randn(0, 4, generator=gen),
+        "transposed": torch.randn(129, 65, generator=gen).t()}) for k in range(5)]
+    weights = [1.0, 2.0, 0.5, 3.0, 0.0]
+    ours = average_records(records, weights)
+    reference = weighted_average([to_state_dict(r) for r in records], weights)
+    assert list(ours) == list(reference)
+    for name, value in reference.items():
+        assert ours[name].dtype == value.dtype and ours[name].shape == value.shape, name
+        assert torch.equal(ours[name], value), name
+    assert ours["n"].item() == 12
+    # Hand-checked: weights 1, 3 -> 0.25, 0.75 of [0, 4] and [4, 8] = [3, 7].
+    pair = [to_record({"w": torch.tensor([0.0, 4.0])}), to_record({"w": torch.tensor([4.0, 8.0])})]
+    assert torch.equal(average_records(pair, [1, 3])["w"], torch.tensor([3.0, 7.0]))
+
+
+def test_average_records_refuses_mismatched_models() -> None:
+    a = to_record({"w": torch.zeros(3), "v": torch.zeros(2)})
+    with pytest.raises(ValueError, match="entry 'w' is float32 \\(4,\\) in model 1"):
+        average_records([a, to_record({"w": torch.zeros(4), "v": torch.zeros(2)})])
+    with pytest.raises(ValueError, match="model 1 has entries"):
+        average_records([a, to_record({"w": torch.zeros(3)})])
+    with pytest.raises(ValueError, match="zero models"):
+        average_records([])

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fedwa.averaging import (fused_weighted_average, is_finite_state, normalise_weights,
-                             reference_weighted_average, weighted_average)
+from fedwa.averaging import (flat_weighted_average, fused_weighted_average, is_finite_state,
+                             normalise_weights, reference_weighted_average, weighted_average)
 
 
 def test_two_models_weighted():
@@ -231,3 +231,36 @@ def test_fused_rejects_mismatched_shapes():
     b = {"w": torch.zeros(3), "v": torch.zeros(1)}  # would broadcast silently in add_
     with pytest.raises(ValueError, match=r"'v' has shape \(1,\) in model 1 but \(2,\) in model 0"):
         weighted_average([a, b])
+
+
+# --- flat buffers -------------------------------------------------------------------------------
+
+def test_flat_average_by_hand_and_in_blocks():
+    # Weights 1, 1, 2 -> 0.25, 0.25, 0.5:
+    #   0.25 * [0, 4, 8] + 0.25 * [4, 4, 4] + 0.5 * [2, 0, 2] = [2, 2, 4]
+    rows = torch.tensor([[0.0, 4.0, 8.0], [4.0, 4.0, 4.0], [2.0, 0.0, 2.0]])
+    for block in (1, 2, 1024):
+        assert torch.equal(flat_weighted_average(rows, [1, 1, 2], block_elements=block),
+                           torch.tensor([2.0, 2.0, 4.0]))
+        assert torch.equal(flat_weighted_average(list(rows), [1, 1, 2], block_elements=block),
+                           torch.tensor([2.0, 2.0, 4.0]))
+    with pytest.raises(ValueError, match="K x P"):
+        flat_weighted_average(torch.zeros(3))
+    with pytest.raises(ValueError, match="one length"):
+        flat_weighted_average([torch.zeros(3), torch.zeros(4)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [None, 4096, 7])
+def test_flat_average_equals_the_state_dict_average_bit_for_bit(dtype, block):
+    # A model's tensors laid back to back in one row; odd sizes put each tensor's tail
+    # elements in the middle of the row's vector loops, which for float32/64 rounds alike.
+    gen = torch.Generator().manual_seed(5)
+    sizes = [1, 3, 130, 67, 2000, 9, 64]
+    rows = (torch.randn(6, sum(sizes), generator=gen) * 10).to(dtype)
+    states = [dict(zip(map(str, range(len(sizes))), row.split(sizes))) for row in rows]
+    weights = [3.0, 1.0, 0.5, 2.0, 7.0, 1.25]
+    kwargs = {} if block is None else {"block_elements": block}
+    flat = flat_weighted_average(rows, weights, **kwargs).split(sizes)
+    reference = reference_weighted_average(states, weights)
+    assert all(torch.equal(piece, reference[n]) for piece, n in zip(flat, reference))
