@@ -160,11 +160,13 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
 
 
 def _run_local(server_app: Any, client_app: Any, config: Mapping[str, Any]) -> None:
+    from fedwa.client_app import train_many
     from fedwa.local_backend import run_in_process
 
     try:
         run_in_process(server_app, client_app, int(config["num-clients"]),
-                       seed=int(config["seed"]))
+                       seed=int(config["seed"]),
+                       train_many=train_many if config["batch-clients"] else None)
     except FedwaError:
         # Already recorded in summary.json (status failed), which simulate() reports as one
         # line, as with Ray, whose engine swallows the ServerApp's exception. Anything else is

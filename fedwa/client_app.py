@@ -8,6 +8,8 @@ simulation sets and a SuperNode takes from ``--node-config``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,17 +17,18 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedwa.arrays import record_entries, to_record, to_state_dict
+from fedwa.batched import can_batch, train_batched
 from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
 from fedwa.metrics import evaluate_model
 from fedwa.node_data import node_data
 from fedwa.late_phase import num_members, set_active, train_late_phase
-from fedwa.shadow import reseed_shadow
+from fedwa.shadow import has_shadow_weights, reseed_shadow
 from fedwa.task import federated_data, local_train_spec, make_model
 from fedwa.wsa import scope_kl, scope_regulariser
-from fedwa.training import (client_seed, configure_threads, local_gradient, resolve_device,
-                            train_local)
+from fedwa.training import (LocalTrainSpec, client_seed, configure_threads, local_gradient,
+                            resolve_device, train_local)
 
 app = ClientApp()
 
@@ -108,46 +111,130 @@ def _regulariser(round_config: dict[str, Any]):  # noqa: ANN202
     return scope_regulariser(targets, names, float(round_config["wsa-lambda"])), targets
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """Train the received model on this node's partition; reply with weights and metrics."""
+@dataclass
+class TrainJob:
+    """One train message, prepared: everything :func:`train` computes before training."""
+
+    message: Message
+    context: Context
+    started: float
+    config: dict[str, Any]
+    device: torch.device
+    pid: int
+    round_config: dict[str, Any]
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    spec: LocalTrainSpec
+    seed: int
+    regulariser: Any
+    targets: Any
+
+    def batchable(self) -> bool:
+        """Whether :func:`fedwa.batched.train_batched` can train this job: plain SGD on a
+        model with one set of weights and no random transforms in its forward."""
+        return (self.regulariser is None and num_members(self.model) == 1
+                and not has_shadow_weights(self.model) and can_batch(self.spec))
+
+
+def prepare_train(message: Message, context: Context) -> TrainJob:
+    """Read a train message: config, partition, starting model, batch-order seed."""
     started = time.perf_counter()
     config, device, pid, data = _local_data(message, context)
     round_config = dict(message.content["config"]) if "config" in message.content else {}
-    received = message.content["arrays"]
-    model = _starting_model(config, data, received, round_config, context)
+    model = _starting_model(config, data, message.content["arrays"], round_config, context)
     x, y = _own(config, context, data, pid)
     server_round = int(round_config.get("server-round", 1))
     regulariser, targets = _regulariser(round_config)
-    spec = local_train_spec(config, round_config)
     seed = client_seed(int(config["seed"]), server_round, pid)
     reseed_shadow(model, seed)  # shadow-weight transforms: a fresh, reproducible draw per round
-    if num_members(model) > 1:
+    return TrainJob(message, context, started, config, device, pid, round_config, model, x, y,
+                    local_train_spec(config, round_config), seed, regulariser, targets)
+
+
+def run_train(job: TrainJob) -> dict[str, float]:
+    """Train the job's model in place, one client on its own."""
+    if num_members(job.model) > 1:
         # Late-phase weights: the members train apart once the run's progress passes the start.
-        late = spec.progress_start >= float(config["late-phase-start"]) - 1e-9
-        stats = train_late_phase(model, x, y, spec, seed=seed, device=device, late=late)
-    else:
-        stats = train_local(model, x, y, spec, seed=seed, device=device,
-                            regulariser=regulariser)
-    if device.type != "cpu":  # a module walk that costs more than a tiny model's step
+        late = job.spec.progress_start >= float(job.config["late-phase-start"]) - 1e-9
+        return train_late_phase(job.model, job.x, job.y, job.spec, seed=job.seed,
+                                device=job.device, late=late)
+    return train_local(job.model, job.x, job.y, job.spec, seed=job.seed, device=job.device,
+                       regulariser=job.regulariser)
+
+
+def train_reply(job: TrainJob, stats: dict[str, float]) -> Message:
+    """The reply to a trained job: the entries the server asked for, and the metrics."""
+    model, round_config = job.model, job.round_config
+    if job.device.type != "cpu":  # a module walk that costs more than a tiny model's step
         model.to("cpu")
     state = model.state_dict()
     metrics = {
-        "num-examples": len(x),
-        "partition-id": pid,
+        "num-examples": len(job.x),
+        "partition-id": job.pid,
         "train-loss": stats["loss"],
         "train-steps": stats["steps"],
         "train-seconds": stats["seconds"],
     }
-    if targets is not None:
+    if job.targets is not None:
         with torch.no_grad():
-            metrics["wsa-kl"] = float(scope_kl(state, targets, list(targets)))
+            metrics["wsa-kl"] = float(scope_kl(state, job.targets, list(job.targets)))
     if round_config.get("keep-local-model"):
-        context.state[LOCAL_MODEL_KEY] = to_record(state)
-    names = round_config.get("return-names") or list(received.keys())
-    metrics["seconds"] = time.perf_counter() - started
+        job.context.state[LOCAL_MODEL_KEY] = to_record(state)
+    names = round_config.get("return-names") or list(job.message.content["arrays"].keys())
+    metrics["seconds"] = time.perf_counter() - job.started
     return Message(RecordDict({"arrays": to_record({n: state[n] for n in names}),
-                               "metrics": MetricRecord(metrics)}), reply_to=message)
+                               "metrics": MetricRecord(metrics)}), reply_to=job.message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received model on this node's partition; reply with weights and metrics."""
+    job = prepare_train(message, context)
+    return train_reply(job, run_train(job))
+
+
+def train_many(messages: Sequence[Message], contexts: Sequence[Context]
+               ) -> list[Message | Exception]:
+    """:func:`train` for several nodes at once (the local backend's ``batch-clients``).
+
+    Jobs that :meth:`TrainJob.batchable` and share a training spec and device are trained
+    together by :func:`fedwa.batched.train_batched` (which further groups them by step
+    count); the others one by one, as :func:`train` would. Each entry of the result is the
+    node's reply, or the exception its message raised (the caller turns it into an error
+    reply, as Flower does for a ClientApp that raises).
+    """
+    results: list[Message | Exception | None] = [None] * len(messages)
+    jobs: dict[int, TrainJob] = {}
+    for i, (message, context) in enumerate(zip(messages, contexts)):
+        try:
+            jobs[i] = prepare_train(message, context)
+        except Exception as error:  # noqa: BLE001 - one node's failure is its own reply
+            results[i] = error
+    groups: dict[tuple, list[int]] = {}
+    for i, job in jobs.items():
+        key = (job.spec, job.device) if job.batchable() else ("alone", i)
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        try:
+            if len(members) > 1:
+                trained = train_batched([jobs[i].model for i in members],
+                                        [(jobs[i].x, jobs[i].y) for i in members],
+                                        jobs[members[0]].spec,
+                                        [jobs[i].seed for i in members],
+                                        device=jobs[members[0]].device)
+            else:
+                trained = [run_train(jobs[members[0]])]
+        except Exception as error:  # noqa: BLE001 - the group's nodes all fail alike
+            for i in members:
+                results[i] = error
+            continue
+        for i, stats in zip(members, trained):
+            try:
+                results[i] = train_reply(jobs[i], stats)
+            except Exception as error:  # noqa: BLE001
+                results[i] = error
+    return results  # type: ignore[return-value]
 
 
 @app.evaluate()

@@ -171,6 +171,10 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("backend", "local", "Simulation backend of `fedwa run`: ClientApps in this process "
         "(local, no start-up cost) or Flower's Ray engine (ray: parallel clients, several "
         "machines).", choices=("local", "ray")),
+    Key("batch-clients", False, "Local backend: train a round's clients together in one "
+        "batched computation (fedwa.batched) where they share an architecture and step count; "
+        "equal to one-by-one training to float tolerance, not bit for bit. Pays for small "
+        "models and inputs (digits), not for the cnn on 28x28."),
     Key("client-cpus", 1.0, "CPUs per client, handed to the Ray backend.", check=positive),
     Key("client-gpus", 0.0, "GPUs per client (fractions share a card; Ray backend).",
         check=at_least(0)),
@@ -291,6 +295,9 @@ def _check_together(config: Mapping[str, Scalar]) -> None:
     if config["evaluation"] == "federated" and config["late-phase-k"] > 1:
         raise ConfigError("evaluation", "federated", "central with late-phase-k > 1: the "
                           "server collapses the members before it evaluates")
+    if config["batch-clients"] and config["backend"] != "local":
+        raise ConfigError("batch-clients", True, "false with backend = ray: only the local "
+                          "backend hands a round's clients over together")
     if config["min-available-clients"] > config["num-clients"]:
         raise ConfigError("min-available-clients", config["min-available-clients"],
                           f"at most num-clients ({config['num-clients']})")

@@ -50,10 +50,10 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flwr.app import Array, Context, Error, Message, RecordDict
+from flwr.app import Array, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -85,17 +85,24 @@ class InProcessGrid(Grid):
     node_configs : mapping, optional
         Extra ``node_config`` entries by partition id, as a SuperNode's ``--node-config``
         would give them (e.g. ``{0: {"data-dir": "/data/site-a"}}``).
+    train_many : callable, optional
+        ``train_many(messages, contexts) -> replies or exceptions``: when given, the train
+        messages of one push are handed to it together instead of to the ClientApp one by one
+        (fedwa's :func:`fedwa.client_app.train_many`, which trains them batched).
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, seed: int = 0,
                  run_config: Mapping[str, Any] | None = None,
                  copy_messages: bool = True,
-                 node_configs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
+                 node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+                 train_many: Callable[[list[Message], list[Context]], list[Any]] | None = None
+                 ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
         rng = random.Random(seed)
         self.client_app = client_app
         self.copy_messages = copy_messages
+        self.train_many = train_many
         self._run = Run.create_empty(run_id=rng.getrandbits(63))
         self.contexts: dict[int, Context] = {}
         while len(self.contexts) < num_nodes:
@@ -153,14 +160,28 @@ class InProcessGrid(Grid):
     # --- delivery -----------------------------------------------------------------------------
 
     def _push(self, messages: Iterable[Message], timeout: float | None) -> list[str]:
-        ids = []
+        ids, single = [], []
+        together: list[tuple[str, Message]] = []
         for message in messages:
             message_id = self._new_id()
             message.metadata.__dict__["_message_id"] = message_id
+            ids.append(message_id)
+            if (self.train_many is not None and message.metadata.message_type == MessageType.TRAIN
+                    and message.metadata.dst_node_id in self.contexts):
+                together.append((message_id, message))
+            else:
+                single.append((message_id, message))
+        if len(together) == 1:
+            single, together = together + single, []
+        if together:
+            for message_id, reply in zip((i for i, _ in together),
+                                         self._deliver_many([m for _, m in together], timeout)):
+                if reply is not None:
+                    self._replies[message_id] = reply
+        for message_id, message in single:
             reply = self._deliver(message, timeout)
             if reply is not None:
                 self._replies[message_id] = reply
-            ids.append(message_id)
         return ids
 
     def _deliver(self, message: Message, timeout: float | None = None) -> Message | None:
@@ -174,14 +195,9 @@ class InProcessGrid(Grid):
             return self._call(message, delivered, context)
         # The client works on its own copy of the node's state, adopted only if it answers in
         # time: a client cut off mid-round must not leave half an update behind.
-        own = Context(run_id=context.run_id, node_id=node_id, node_config=context.node_config,
-                      state=RecordDict(dict(context.state.items())),
-                      run_config=context.run_config)
-        if threading.current_thread() is threading.main_thread():
-            reply = self._call_with_alarm(message, delivered, own, timeout)
-        else:
-            reply = self._call_on_worker(message, delivered, own, timeout)
-        if reply is None:
+        own = _own_context(context)
+        reply = self._within(timeout, self._call, message, delivered, own)
+        if reply is _TIMED_OUT:
             log.warning("node %d did not answer %s within the round's timeout; its reply "
                         "is discarded", node_id, message.metadata.message_type)
             self.messages_timed_out += 1
@@ -190,9 +206,56 @@ class InProcessGrid(Grid):
             self.contexts[node_id] = own
         return reply
 
-    def _call_with_alarm(self, message: Message, delivered: Message, context: Context,
-                         seconds: float) -> Message | None:
-        """Run the client here, cut off by SIGALRM after ``seconds`` (None if it was).
+    def _deliver_many(self, messages: list[Message], timeout: float | None
+                      ) -> list[Message | None]:
+        """Replies to train messages handled together by ``train_many``.
+
+        They share a deadline of ``timeout`` per message (the time they would have had one
+        after another); past it every reply of the group is discarded.
+        """
+        delivered = [_copy_instruction(m) if self.copy_messages else m for m in messages]
+        nodes = [m.metadata.dst_node_id for m in messages]
+        contexts = [self.contexts[n] if timeout is None else _own_context(self.contexts[n])
+                    for n in nodes]
+        self.messages_handled += len(messages)
+        if timeout is None:
+            results = self._train_many(delivered, contexts)
+        else:
+            results = self._within(timeout * len(messages), self._train_many, delivered,
+                                   contexts)
+            if results is _TIMED_OUT:
+                log.warning("%d nodes trained together did not answer within their timeouts; "
+                            "their replies are discarded", len(messages))
+                self.messages_timed_out += len(messages)
+                return [None] * len(messages)
+        replies = []
+        for message, node, context, result in zip(messages, nodes, contexts, results):
+            if isinstance(result, BaseException):
+                log.debug("node %d raised: %r", node, result)
+                replies.append(self._error(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                           f"{type(result)}:<'{result}'>"))
+                continue
+            result.metadata.__dict__["_message_id"] = self._new_id()
+            replies.append(result)
+            if timeout is not None:
+                self.contexts[node] = context
+        return replies
+
+    def _train_many(self, messages: list[Message], contexts: list[Context]) -> list[Any]:
+        try:
+            return list(self.train_many(messages, contexts))
+        except Exception as error:  # noqa: BLE001 - every node of the group fails alike
+            log.debug("train_many raised:\n%s", traceback.format_exc())
+            return [error] * len(messages)
+
+    def _within(self, seconds: float, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)``, or ``_TIMED_OUT`` when it ran past ``seconds``."""
+        if threading.current_thread() is threading.main_thread():
+            return self._with_alarm(seconds, function, *args)
+        return self._on_worker(seconds, function, *args)
+
+    def _with_alarm(self, seconds: float, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function`` here, cut off by SIGALRM after ``seconds``.
 
         In the main thread a timer signal interrupts the client between two Python bytecodes
         (or when a blocking call such as a sleep returns EINTR), at the cost of two system
@@ -205,29 +268,28 @@ class InProcessGrid(Grid):
         try:
             signal.setitimer(signal.ITIMER_REAL, seconds)
             try:
-                return self._call(message, delivered, context)
+                return function(*args)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _ClientTimedOut:  # also when it fires between the call's end and the disarm
-            return None
+            return _TIMED_OUT
         finally:
             signal.signal(signal.SIGALRM, previous)
 
-    def _call_on_worker(self, message: Message, delivered: Message, context: Context,
-                        seconds: float) -> Message | None:
-        """Run the client on the worker thread, abandoned after ``seconds`` (signals reach
+    def _on_worker(self, seconds: float, function: Callable[..., Any], *args: Any) -> Any:
+        """Run ``function`` on the worker thread, abandoned after ``seconds`` (signals reach
         only the main thread). Python cannot stop a thread: an abandoned client runs on, and
         its reply and state changes are discarded."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedwa-client")
-        future = self._worker.submit(self._call, message, delivered, context)
+        future = self._worker.submit(function, *args)
         try:
             return future.result(timeout=seconds)
         except FutureTimeout:
             # The stuck thread keeps the old worker; later clients get a fresh one.
             self._worker.shutdown(wait=False)
             self._worker = None
-            return None
+            return _TIMED_OUT
 
     def _call(self, message: Message, delivered: Message, context: Context) -> Message:
         self.messages_handled += 1
@@ -247,6 +309,16 @@ class InProcessGrid(Grid):
         reply = Message(Error(code=code, reason=reason), reply_to=message)
         reply.metadata.__dict__["_message_id"] = self._new_id()
         return reply
+
+
+_TIMED_OUT = object()  # what _within returns for a call cut off at its deadline
+
+
+def _own_context(context: Context) -> Context:
+    """A copy of ``context`` whose state a client may change without touching the node's."""
+    return Context(run_id=context.run_id, node_id=context.node_id,
+                   node_config=context.node_config, state=RecordDict(dict(context.state.items())),
+                   run_config=context.run_config)
 
 
 class _ClientTimedOut(BaseException):
@@ -290,7 +362,8 @@ def _copy_instruction(message: Message) -> Message:
 
 def run_in_process(server_app: ServerApp, client_app: ClientApp, num_nodes: int, *,
                    seed: int = 0, run_config: Mapping[str, Any] | None = None,
-                   node_configs: Mapping[int, Mapping[str, Any]] | None = None
+                   node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+                   train_many: Callable[[list[Message], list[Context]], list[Any]] | None = None
                    ) -> InProcessGrid:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApps; return the grid.
 
@@ -298,7 +371,7 @@ def run_in_process(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
     several federations in one process.
     """
     grid = InProcessGrid(client_app, num_nodes, seed=seed, run_config=run_config,
-                         node_configs=node_configs)
+                         node_configs=node_configs, train_many=train_many)
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     # What the Ray simulation sets in the server process before the ServerApp starts.
     TaskIdentity.run_id = grid.run.run_id

@@ -484,6 +484,11 @@ def add_shadow_weights(
     return model
 
 
+def has_shadow_weights(model: nn.Module) -> bool:
+    """Whether ``model`` holds any :class:`ShadowConv2d` (its forward draws random transforms)."""
+    return any(isinstance(module, ShadowConv2d) for module in model.modules())
+
+
 def reseed_shadow(model: nn.Module, seed: int) -> None:
     """Reseed every :class:`ShadowConv2d` of ``model`` as :func:`add_shadow_weights` would.
 

@@ -204,3 +204,47 @@ def test_readme_example_is_self_contained() -> None:
     code = readme_example()
     assert "import" in code and "class UniformFedAvg" in code
     compile(textwrap.dedent(code), "README example", "exec")
+
+
+# --- batch-clients ------------------------------------------------------------------------------
+
+
+def test_batch_clients_trains_the_round_together_and_matches_one_by_one(
+        fedavg_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import fedwa.client_app
+
+    groups: list[int] = []
+    real = fedwa.client_app.train_batched
+    monkeypatch.setattr(fedwa.client_app, "train_batched",
+                        lambda models, *a, **k: (groups.append(len(models)),
+                                                 real(models, *a, **k))[1])
+    batched = run(tmp_path, "batched", **{"batch-clients": True})
+    assert groups == [4, 4, 4, 4]  # every round's four clients in one batched call
+    ones, together = read_rounds(fedavg_run), read_rounds(batched)
+    # Batched kernels sum in another order: equal to float tolerance, not bit for bit.
+    for a, b in zip(ones, together):
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.02)
+    final = torch.load(batched / "model.pt")
+    reference = torch.load(fedavg_run / "model.pt")
+    for name, value in reference.items():
+        torch.testing.assert_close(final[name], value, rtol=1e-3, atol=1e-3)
+
+
+def test_batch_clients_leaves_unbatchable_training_to_the_client_app(tmp_path: Path) -> None:
+    # WSA's scope regulariser cannot be batched: every client trains alone, as without the
+    # key, so the runs agree exactly.
+    settings = {"strategy": "wsa", "num-server-rounds": 2}
+    alone = without_timing(read_rounds(run(tmp_path, "alone", **settings)))
+    together = without_timing(read_rounds(run(tmp_path, "together", **settings,
+                                              **{"batch-clients": True})))
+    assert together == alone
+
+
+def test_batch_clients_needs_the_local_backend() -> None:
+    from fedwa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'batch-clients' = True is not allowed: false with "
+                                          "backend = ray"):
+        resolve_config({"batch-clients": True, "backend": "ray"})

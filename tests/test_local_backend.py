@@ -149,3 +149,60 @@ def test_run_in_process_drives_a_server_app_and_restores_the_identity() -> None:
 def test_num_nodes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="num_nodes must be >= 1"):
         InProcessGrid(echo_app(), 0)
+
+
+# --- train messages handed over together (batch-clients) --------------------------------------
+
+
+def doubling_train_many(calls: list[int], fail_pid: int | None = None, sleep: float = 0.0):
+    """A ``train_many`` that answers like echo_app's train, failing one partition on purpose."""
+    import time
+
+    def train_many(messages: list[Message], contexts: list[Context]) -> list:
+        calls.append(len(messages))
+        time.sleep(sleep)
+        out = []
+        for message, context in zip(messages, contexts):
+            pid = int(context.node_config["partition-id"])
+            if pid == fail_pid:
+                out.append(RuntimeError(f"partition {pid} fails on purpose"))
+                continue
+            context.state["seen"] = MetricRecord({"n": 1})
+            x = message.content["arrays"]["x"].numpy()
+            out.append(Message(RecordDict({"arrays": ArrayRecord({"y": Array(2 * x)}),
+                                           "metrics": MetricRecord({"pid": pid})}),
+                               reply_to=message))
+        return out
+
+    return train_many
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_train_messages_go_to_train_many_together(identity, timeout) -> None:  # noqa: ANN001
+    calls: list[int] = []
+    grid = InProcessGrid(echo_app(), 4, train_many=doubling_train_many(calls, fail_pid=2))
+    messages = train_messages(grid)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    assert calls == [4]  # one call for the round's four train messages
+    assert {r.metadata.reply_to_message_id for r in replies} == \
+        {m.metadata.message_id for m in messages}
+    failed = [r for r in replies if r.has_error()]
+    assert len(failed) == 1 and "partition 2 fails on purpose" in failed[0].error.reason
+    assert failed[0].error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert sorted(int(r.content["metrics"]["pid"]) for r in replies if not r.has_error()) == \
+        [0, 1, 3]
+    # Node state written by train_many is kept (with a timeout: adopted once it answered).
+    pid2 = {grid.contexts[n].node_config["partition-id"]: n for n in grid.contexts}[2]
+    assert all("seen" in grid.contexts[n].state for n in grid.contexts if n != pid2)
+    # Queries still go to the ClientApp, one by one.
+    (query,) = grid.send_and_receive([grid.create_message(
+        RecordDict(), MessageType.QUERY, grid.get_node_ids()[0], "q")])
+    assert "query is broken on purpose" in query.error.reason and calls == [4]
+
+
+def test_train_many_past_the_groups_deadline_loses_every_reply(identity) -> None:  # noqa: ANN001
+    calls: list[int] = []
+    grid = InProcessGrid(echo_app(), 2, train_many=doubling_train_many(calls, sleep=0.5))
+    replies = list(grid.send_and_receive(train_messages(grid), timeout=0.1))  # 0.2 s for two
+    assert replies == [] and grid.messages_timed_out == 2
+    assert not any("seen" in c.state for c in grid.contexts.values())
