@@ -3,6 +3,10 @@
 Every message carries the run config the server validated (see :mod:`fedwa.grid`); the node's
 partition comes from its ``node_config`` (``partition-id``, ``num-partitions``), which the
 simulation sets and a SuperNode takes from ``--node-config``.
+
+Training a message is :func:`prepare_train`, :func:`run_train`, :func:`train_reply`; the
+``train`` handler does one message, :func:`train_many` several at once (batched where it can),
+for the local backend's ``batch-clients``.
 """
 
 from __future__ import annotations

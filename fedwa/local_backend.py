@@ -27,6 +27,10 @@ What it emulates, and how
   ``SIGALRM`` timer in the main thread; elsewhere it runs on a worker thread that is
   abandoned) and its reply and state changes are discarded, like a node that did not answer
   in time.
+- **Batched training** (``train_many``, fedwa's ``batch-clients``). The train messages of
+  one push may be handed over together to a function that trains them in one computation
+  (:func:`fedwa.client_app.train_many`); each node still gets its own reply or error reply,
+  and the group shares a deadline of ``timeout`` per message.
 - **Not emulated.** Memory: nodes that are not training hold only their ``Context.state``;
   nothing else of theirs is resident.
 

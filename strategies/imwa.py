@@ -13,6 +13,11 @@ averaging happens more often early, where the paper finds it helps most). The le
 schedule follows the global progress through the budget and does not restart per episode.
 ``imwa-ema-decay > 0`` also keeps a server-side EMA of the episode averages, evaluated and
 reported beside them (``ema_*`` metrics); training continues from the plain average.
+
+The K replicas share an architecture and, with ``partition = "replicas"``, a step count, so
+``batch-clients = true`` trains them in one batched computation (:mod:`fedwa.batched`): on
+digits, 10 replicas of the mlp ran in 0.61x the time of one-by-one training, to the same
+accuracy (README, "Benchmarks").
 """
 
 from __future__ import annotations
