@@ -1,4 +1,4 @@
-"""Checkpoints: what a run needs to continue after it was killed, written after every round.
+"""Checkpoints: what a run needs to continue after it was killed, written after rounds.
 
 A checkpoint is one file, ``checkpoint.pt`` in the run folder, written to a temporary name,
 flushed to disk and renamed into place, so a reader (or a resumed run) only ever sees a whole
