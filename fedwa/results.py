@@ -13,8 +13,8 @@ folder is never reused, so nothing a user ran before is overwritten.
 
 ``metrics.jsonl`` gets a line per round, written through at once (a killed process loses
 nothing), and is flushed to disk (``fsync``) before each checkpoint rather than after every
-line: on these machines every sync or thread switch costs about a millisecond of the
-training that follows, as much as a tiny round's messages.
+line: on these machines a sync costs the run a few milliseconds (the training after it slows
+down), as much as a tiny round's messages.
 """
 
 from __future__ import annotations
