@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedwa.arrays import record_entries, to_record, to_state_dict
@@ -39,8 +39,10 @@ app = ClientApp()
 
 def run_config_of(message: Message, context: Context) -> dict[str, Any]:
     """The server's resolved config; ``context.run_config`` only when a message lacks it."""
-    if RUN_CONFIG_KEY in message.content.config_records:
-        return record_entries(message.content[RUN_CONFIG_KEY])
+    # Looked up by name: RecordDict's ``config_records`` view is rebuilt on every access.
+    if RUN_CONFIG_KEY in message.content and isinstance(
+            record := message.content[RUN_CONFIG_KEY], ConfigRecord):
+        return record_entries(record)
     return resolve_config(context.run_config, other_strategy_keys="drop")
 
 

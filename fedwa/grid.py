@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedwa.errors import FedwaError
@@ -29,7 +29,8 @@ RUN_CONFIG_KEY = "fedwa-run-config"
 
 def array_bytes(content: RecordDict) -> int:
     """Bytes of the serialised arrays in a message's content (what Flower ships)."""
-    return sum(len(array.data) for record in content.array_records.values()
+    # Not ``content.array_records``: that view is rebuilt, with checks, on every access.
+    return sum(len(array.data) for record in content.values() if isinstance(record, ArrayRecord)
                for array in record.values())
 
 

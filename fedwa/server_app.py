@@ -366,7 +366,7 @@ class CentralEvaluator:
         if basis is not None and basis():
             record["twa_basis_bytes"] = basis()
         ok = [r.content["metrics"] for r in traffic.replies
-              if not r.has_error() and "metrics" in r.content.metric_records]
+              if not r.has_error() and isinstance(r.content.get("metrics"), MetricRecord)]
         failures = getattr(self.strategy, "last_failures", None)
         failed = len(failures) if failures is not None else len(traffic.replies) - len(ok)
         # Errors, rejected replies (bad names, shapes, dtypes, NaN) and clients that did not
