@@ -199,10 +199,12 @@ def kill_after_checkpoint(settings: dict, run_dir: Path, after_round: int) -> in
             child.wait()
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "hwa", "partial", "dimat"])
+@pytest.mark.parametrize("strategy", ["fedavg", "hwa", "partial", "dimat", "imwa-batched"])
 def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(
         tmp_path: Path, strategy: str) -> None:
     settings = {**SMALL, "strategy": strategy}
+    if strategy == "imwa-batched":  # IMWA's replicas trained together (batch-clients)
+        settings.update({"strategy": "imwa", "partition": "replicas", "batch-clients": True})
     if strategy == "hwa":
         settings["hwa-window"] = 2  # the offline average is in the checkpointed state
     rounds = int(settings["num-server-rounds"])
