@@ -14,11 +14,11 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 _MAGIC = b"\x93NUMPY"
 
@@ -52,7 +52,7 @@ def array_view(array: Array) -> np.ndarray:
 def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     """:meth:`ArrayRecord.to_torch_state_dict`, without re-parsing headers; the tensors own
     their memory (writable, independent of the record)."""
-    return OrderedDict((name, torch.from_numpy(np.array(array_view(array), copy=True)))
+    return OrderedDict((name, _owned_tensor(array_view(array)))
                        for name, array in record.items())
 
 
@@ -88,6 +88,25 @@ def new_array_record(arrays: Mapping[str, Array]) -> ArrayRecord:
     record = ArrayRecord()
     record.__dict__["_data"].update(arrays)
     return record
+
+
+RecordT = TypeVar("RecordT", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def record_named(content: RecordDict, name: str, kind: type[RecordT]) -> RecordT | None:
+    """``content[name]`` when it is a record of ``kind``, else None.
+
+    Instead of ``name in content.array_records`` and the like: Flower's ``array_records``,
+    ``config_records`` and ``metric_records`` build a new, type-checked mapping of the
+    message's records on every access, once per message and check on a hot path.
+    """
+    record = content.get(name)
+    return record if isinstance(record, kind) else None
+
+
+def _owned_tensor(values: np.ndarray) -> torch.Tensor:
+    """A tensor with its own, writable copy of ``values`` (a read-only view of the bytes)."""
+    return torch.from_numpy(np.array(values, copy=True))
 
 
 def record_entries(record: Any) -> dict[str, Any]:
@@ -173,7 +192,7 @@ def average_records(records: Sequence[ArrayRecord], weights: Sequence[float] | N
             result[names[i]] = piece.view(layout[i][0])
     rest = [i for i in range(len(names)) if names[i] not in result]
     if rest:
-        states = [{names[i]: torch.from_numpy(np.array(model[i], copy=True)) for i in rest}
+        states = [{names[i]: _owned_tensor(model[i]) for i in rest}
                   for model in views]
         result.update(weighted_average(states, weights))
     return {n: result[n] for n in names}

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
-from fedwa.arrays import to_record, to_state_dict
+from fedwa.arrays import record_named, to_record, to_state_dict
 from fedwa.errors import CheckpointError
 from fedwa.results import read_rounds, write_durably
 
@@ -172,7 +172,7 @@ def fetch_client_models(grid: Any, timeout: float) -> dict[int, dict[str, torch.
         if reply.has_error() or node not in grid.partition_of:
             log.warning("checkpoint: node %d did not return its kept model", node)
             continue
-        arrays = reply.content.array_records.get("arrays")
+        arrays = record_named(reply.content, "arrays", ArrayRecord)
         if arrays:
             models[grid.partition_of[node]] = to_state_dict(arrays)
     return models
@@ -246,7 +246,7 @@ class Checkpointer:
             "strategy": self.strategy.state_dict(),
             "client_models": client_models,
             "rng": rng_state(),
-            "records_count": len(self.writer.records),
+            "records_count": self.writer.rounds_written,
             "evaluated_model": self.evaluated_model() if self.evaluated_model else None,
             "config": self.config,
             "resumes": self.writer.extra.get("resumes", []),

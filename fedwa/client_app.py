@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedwa.arrays import record_entries, to_record, to_state_dict
+from fedwa.arrays import record_entries, record_named, to_record, to_state_dict
 from fedwa.batched import can_batch, train_batched
 from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
@@ -39,9 +39,8 @@ app = ClientApp()
 
 def run_config_of(message: Message, context: Context) -> dict[str, Any]:
     """The server's resolved config; ``context.run_config`` only when a message lacks it."""
-    # Looked up by name: RecordDict's ``config_records`` view is rebuilt on every access.
-    if RUN_CONFIG_KEY in message.content and isinstance(
-            record := message.content[RUN_CONFIG_KEY], ConfigRecord):
+    record = record_named(message.content, RUN_CONFIG_KEY, ConfigRecord)
+    if record is not None:
         return record_entries(record)
     return resolve_config(context.run_config, other_strategy_keys="drop")
 
@@ -86,6 +85,13 @@ def _load_model(config: dict[str, Any], data, arrays: ArrayRecord) -> torch.nn.M
 LOCAL_MODEL_KEY = "fedwa-local-model"
 
 
+def _load_kept_model(model: torch.nn.Module, context: Context) -> None:
+    """Load the model this node keeps in ``context.state`` into ``model``, if it keeps one."""
+    kept = record_named(context.state, LOCAL_MODEL_KEY, ArrayRecord)
+    if kept is not None:
+        model.load_state_dict(to_state_dict(kept))
+
+
 def _starting_model(config: dict[str, Any], data, received: ArrayRecord,  # noqa: ANN001
                     round_config: dict[str, Any], context: Context) -> torch.nn.Module:
     """The model this round starts from.
@@ -97,8 +103,7 @@ def _starting_model(config: dict[str, Any], data, received: ArrayRecord,  # noqa
     """
     model = make_model(config, data)
     if round_config.get("keep-local-model"):
-        if LOCAL_MODEL_KEY in context.state.array_records:
-            model.load_state_dict(to_state_dict(context.state[LOCAL_MODEL_KEY]))
+        _load_kept_model(model, context)
         state = model.state_dict()
         state.update(to_state_dict(received))
         model.load_state_dict(state)
@@ -256,8 +261,7 @@ def evaluate(message: Message, context: Context) -> Message:
     if round_config.get("evaluate-local-model"):
         # Partial averaging: how good is the node's own model, on the balanced test set.
         model = make_model(config, data)
-        if LOCAL_MODEL_KEY in context.state.array_records:
-            model.load_state_dict(to_state_dict(context.state[LOCAL_MODEL_KEY]))
+        _load_kept_model(model, context)
         x, y = data.test_data()
     else:
         model = _load_model(config, data, message.content["arrays"])
@@ -307,8 +311,7 @@ def merge(message: Message, context: Context) -> Message:
         return make_model(config, data, node_seed)
 
     own = node_model()  # round 1: the node's own initialisation (shared or its own seed)
-    if LOCAL_MODEL_KEY in context.state.array_records:
-        own.load_state_dict(to_state_dict(context.state[LOCAL_MODEL_KEY]))
+    _load_kept_model(own, context)
     ids = [int(j) for j in round_config["neighbours"]]
     neighbours = {j: to_state_dict(message.content[neighbour_key(j)]) for j in ids}
     x, y = _own(config, context, data, pid)
@@ -404,6 +407,7 @@ def restore_local_model(message: Message, context: Context) -> Message:
 def local_model(message: Message, context: Context) -> Message:
     """The model this node keeps across rounds (partial averaging), e.g. to study or deploy
     personalised models; an empty record when it keeps none."""
-    state = context.state
-    arrays = state[LOCAL_MODEL_KEY] if LOCAL_MODEL_KEY in state.array_records else ArrayRecord()
+    arrays = record_named(context.state, LOCAL_MODEL_KEY, ArrayRecord)
+    if arrays is None:
+        arrays = ArrayRecord()
     return Message(RecordDict({"arrays": arrays}), reply_to=message)

@@ -95,8 +95,8 @@ class ResultsWriter:
         self.started = time.time()
         #: Entries added to ``summary.json`` when the run finishes.
         self.extra: dict[str, Any] = {}
-        #: The records of ``metrics.jsonl`` as written.
-        self.records: list[dict[str, Any]] = []
+        #: Lines in ``metrics.jsonl`` (checkpoints count them; the records stay in the file).
+        self.rounds_written = 0
         self._metrics_file: Any = None  # kept open: a line per round is then one write
 
     def write(self, name: str, obj: Any) -> None:
@@ -105,7 +105,7 @@ class ResultsWriter:
     def append_round(self, record: Mapping[str, Any]) -> None:
         """Add a line to ``metrics.jsonl``; readers see it at once (see :meth:`sync`)."""
         record = _clean(dict(record))
-        self.records.append(record)
+        self.rounds_written += 1
         if self._metrics_file is None:
             self._metrics_file = self.metrics_path.open("a")
         self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
@@ -125,8 +125,9 @@ class ResultsWriter:
         """Replace ``metrics.jsonl`` with ``records``, atomically (a resumed run drops what
         was written after its checkpoint)."""
         self.close()
-        self.records = [_clean(dict(record)) for record in records]
-        lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records)
+        records = [_clean(dict(record)) for record in records]
+        self.rounds_written = len(records)
+        lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
         write_durably(self.metrics_path, lines.encode())
 
     def finish(self, status: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedwa.arrays import to_record, to_state_dict
+from fedwa.arrays import record_named, to_record, to_state_dict
 from fedwa.bn import (batchnorm_layers, combine_moments, has_batchnorm, moments_to_stats,
                       recompute_bn, set_bn_stats)
 from fedwa.checkpoint import (RUNTIME_KEYS, Checkpointer, checkpointed_records, load_checkpoint,
@@ -365,8 +365,8 @@ class CentralEvaluator:
         basis = getattr(self.strategy, "basis_bytes", None)
         if basis is not None and basis():
             record["twa_basis_bytes"] = basis()
-        ok = [r.content["metrics"] for r in traffic.replies
-              if not r.has_error() and isinstance(r.content.get("metrics"), MetricRecord)]
+        ok = [m for r in traffic.replies if not r.has_error()
+              and (m := record_named(r.content, "metrics", MetricRecord)) is not None]
         failures = getattr(self.strategy, "last_failures", None)
         failed = len(failures) if failures is not None else len(traffic.replies) - len(ok)
         # Errors, rejected replies (bad names, shapes, dtypes, NaN) and clients that did not
@@ -428,7 +428,7 @@ class FederatedEvaluator(CentralEvaluator):
         for reply in self.grid.send_and_receive(messages,
                                                 timeout=float(self.config["round-timeout"])):
             node = reply.metadata.src_node_id
-            if reply.has_error() or "metrics" not in reply.content.metric_records:
+            if reply.has_error() or record_named(reply.content, "metrics", MetricRecord) is None:
                 failures.append(node)
                 continue
             counts.append(reply.content["metrics"])

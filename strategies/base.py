@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedwa.arrays import array_view
+from fedwa.arrays import array_view, record_named
 from fedwa.config import Key
 from fedwa.errors import TooFewRepliesError
 
@@ -30,11 +30,9 @@ def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
     if reply.has_error():
         reason = reply.error.reason.strip().splitlines()
         return f"client error: {reason[-1] if reason else 'no reason given'}"
-    content = reply.content
-    # Looked up by name: RecordDict's ``array_records`` view builds a new mapping every call.
-    arrays = content["arrays"] if "arrays" in content else None
-    metrics = content["metrics"] if "metrics" in content else None
-    if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
+    arrays = record_named(reply.content, "arrays", ArrayRecord)
+    metrics = record_named(reply.content, "metrics", MetricRecord)
+    if arrays is None or metrics is None:
         return "reply lacks 'arrays' or 'metrics'"
     examples = metrics.get("num-examples")
     if not isinstance(examples, (int, float)) or not examples > 0:
@@ -171,8 +169,8 @@ class FedwaStrategy:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         """Example-weighted client evaluation; kept for the round's record (``clients_*``)."""
-        records = [r.content["metrics"] for r in replies if not r.has_error()
-                   and "metrics" in r.content.metric_records]
+        records = [m for r in replies if not r.has_error()
+                   and (m := record_named(r.content, "metrics", MetricRecord)) is not None]
         if not records:
             self.last_evaluate_metrics = {}
             return None
