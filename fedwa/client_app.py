@@ -7,6 +7,13 @@ simulation sets and a SuperNode takes from ``--node-config``.
 Training a message is :func:`prepare_train`, :func:`run_train`, :func:`train_reply`; the
 ``train`` handler does one message, :func:`train_many` several at once (batched where it can),
 for the local backend's ``batch-clients``.
+
+Late-phase weights (:mod:`fedwa.late_phase`): with ``late-phase-members = "averaged"`` a node
+trains from the members the server averaged across clients; with ``"local"`` it keeps its own
+members in ``context.state`` after each late-phase round and takes only the shared weights
+from the server. Either way it replies with every entry, members included. The kept members
+are not checkpointed: a resumed run's nodes start from the server's averaged members for their
+first resumed round, and keep their own from then on.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
 from fedwa.metrics import evaluate_model
 from fedwa.node_data import node_data
-from fedwa.late_phase import num_members, set_active, train_late_phase
+from fedwa.late_phase import member_state, num_members, set_active, train_late_phase
 from fedwa.shadow import has_shadow_weights, reseed_shadow
 from fedwa.task import federated_data, local_train_spec, make_model
 from fedwa.wsa import scope_kl, scope_regulariser
@@ -112,6 +119,40 @@ def _starting_model(config: dict[str, Any], data, received: ArrayRecord,  # noqa
     return model
 
 
+LATE_PHASE_MEMBERS_KEY = "fedwa-late-phase-members"
+
+
+def _keeps_members(config: dict[str, Any], model: torch.nn.Module) -> bool:
+    """Whether this node keeps its own late-phase members (``late-phase-members = "local"``)."""
+    return config.get("late-phase-members", "averaged") == "local" and num_members(model) > 1
+
+
+def _late_phase_started(config: dict[str, Any], spec: LocalTrainSpec) -> bool:
+    """Whether this round trains in the late phase: its progress has reached the start."""
+    return spec.progress_start >= float(config["late-phase-start"]) - 1e-9
+
+
+def _load_kept_members(model: torch.nn.Module, context: Context) -> None:
+    """Overwrite ``model``'s late-phase members with the ones this node keeps, if any.
+
+    With ``late-phase-members = "local"`` a node takes only the shared weights from the
+    server; its members are its own, as trained in its last late-phase round. Before its
+    first late-phase round it keeps none and starts from the received members (identical
+    copies of one model until the late phase starts).
+    """
+    kept = record_named(context.state, LATE_PHASE_MEMBERS_KEY, ArrayRecord)
+    if kept is None:
+        return
+    state = model.state_dict()
+    members = to_state_dict(kept)
+    if set(members) != set(member_state(state)):
+        # A kept record from another model would silently mix two models' members.
+        raise ValueError(f"the late-phase members kept in context.state ({len(members)} "
+                         f"entries) do not match this model's ({len(member_state(state))})")
+    state.update(members)
+    model.load_state_dict(state)
+
+
 def _regulariser(round_config: dict[str, Any]):  # noqa: ANN202
     """WSA's scope term when the strategy sent target scopes, else None."""
     if "wsa-lambda" not in round_config:
@@ -154,6 +195,10 @@ def prepare_train(message: Message, context: Context) -> TrainJob:
     config, device, pid, data = _local_data(message, context)
     round_config = dict(message.content["config"]) if "config" in message.content else {}
     model = _starting_model(config, data, message.content["arrays"], round_config, context)
+    if _keeps_members(config, model):
+        # Shared weights from the server, members the node's own: the server's member average
+        # still reaches its evaluation and records, but no client trains from it.
+        _load_kept_members(model, context)
     x, y = _own(config, context, data, pid)
     server_round = int(round_config.get("server-round", 1))
     regulariser, targets = _regulariser(round_config)
@@ -167,9 +212,9 @@ def run_train(job: TrainJob) -> dict[str, float]:
     """Train the job's model in place, one client on its own."""
     if num_members(job.model) > 1:
         # Late-phase weights: the members train apart once the run's progress passes the start.
-        late = job.spec.progress_start >= float(job.config["late-phase-start"]) - 1e-9
         return train_late_phase(job.model, job.x, job.y, job.spec, seed=job.seed,
-                                device=job.device, late=late)
+                                device=job.device, late=_late_phase_started(job.config, job.spec),
+                                shared_grad=str(job.config.get("late-phase-shared-grad", "sum")))
     return train_local(job.model, job.x, job.y, job.spec, seed=job.seed, device=job.device,
                        regulariser=job.regulariser)
 
@@ -192,6 +237,10 @@ def train_reply(job: TrainJob, stats: dict[str, float]) -> Message:
             metrics["wsa-kl"] = float(scope_kl(state, job.targets, list(job.targets)))
     if round_config.get("keep-local-model"):
         job.context.state[LOCAL_MODEL_KEY] = to_record(state)
+    if _keeps_members(job.config, model) and _late_phase_started(job.config, job.spec):
+        # Only late-phase rounds: before them the members are copies of one model, and a node
+        # keeping none takes the received ones, as in "averaged" mode.
+        job.context.state[LATE_PHASE_MEMBERS_KEY] = to_record(member_state(state))
     names = round_config.get("return-names") or list(job.message.content["arrays"].keys())
     metrics["seconds"] = time.perf_counter() - job.started
     return Message(RecordDict({"arrays": to_record({n: state[n] for n in names}),

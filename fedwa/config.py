@@ -160,12 +160,26 @@ CORE_KEYS: tuple[Key, ...] = (
         "(1 = off).", check=at_least(1)),
     Key("late-phase-start", 0.6, "Late-phase weights: fraction of the run after which the "
         "members train apart.", check=half_open_fraction),
+    Key("late-phase-shared-grad", "sum", "Late-phase weights: the shared weights step once "
+        "per cycle of K member batches with the sum of their gradients (the authors' code) "
+        "or their mean.", choices=("sum", "mean")),
+    Key("late-phase-members", "averaged", "Late-phase weights in FL: the server averages "
+        "member k with member k across clients and every client trains from that average "
+        "(averaged), or each client keeps its own members and takes only the shared weights "
+        "from the server (local).", choices=("averaged", "local")),
     Key("was-layers", "", "Shadow weights (WAS) on these conv layers: 'all' or a "
         "comma-separated list of names ('' = off)."),
-    Key("was-transform", "resize-crop", "Shadow weights: random kernel transform.",
-        choices=("resize-crop", "translate")),
-    Key("was-inference", "plain", "Shadow weights at inference: plain weights (accuracy-"
-        "oriented) or the scaled shadow path (desire-oriented).", choices=("plain", "shadow")),
+    Key("was-transform", "reference", "Shadow weights: random kernel transform (reference = "
+        "the authors' RandomResizedCrop of the kernel, scale 0.8-1, aspect 3/4-4/3).",
+        choices=("reference", "resize-crop", "translate")),
+    Key("was-scale-init", "one", "Shadow weights: initial value of the learnable scale a: 1, "
+        "or U(0, 1) as in the authors' code (then evaluate with was-inference = shadow: "
+        "plain-weight inference feeds the BatchNorm 1/a times what it was trained on).",
+        choices=("one", "uniform")),
+    Key("was-inference", "plain", "Shadow weights at inference: plain weights W (accuracy-"
+        "oriented) or a * T(W) with a fresh random transform per forward pass, as in training "
+        "(desire-oriented; reseeded per evaluation from seed and round, so repeatable, but "
+        "the numbers depend on eval-batch-size).", choices=("plain", "shadow")),
     Key("device", "auto", "Where clients train: cuda when there is one (auto).",
         choices=("auto", "cpu", "cuda")),
     Key("backend", "local", "Simulation backend of `fedwa run`: ClientApps in this process "

@@ -9,6 +9,23 @@ the minibatches cycle through the members: batch ``i`` runs the network with mem
 ``K`` batches. At the end the members collapse into one plain network (section 2 of the paper:
 the BatchNorm members are averaged in function space, the head in weight space).
 
+Shared step
+-----------
+The authors' code (``utils/train_test.py`` of seijin-kobayashi/late-phase-weights) zeroes the
+shared gradients at the start of a cycle, lets them accumulate over its ``K`` batches and steps
+once with that *sum*, at the members' learning rate: :func:`train_late_phase` does this by
+default (``shared_grad="sum"``). ``shared_grad="mean"`` divides the sum by the cycle's length
+instead, which keeps the shared step the size of one plain SGD step on a ``K`` times larger
+batch. An incomplete last cycle still steps (the authors discard it; see
+:func:`train_late_phase`).
+
+Members in federated learning
+-----------------------------
+A federated server averages member ``k`` with member ``k`` across clients by name. Whether a
+client trains from that average or from its own members is the client's choice
+(``late-phase-members`` in :mod:`fedwa.client_app`); :func:`member_state` picks out the
+entries a client keeps.
+
 Layout
 ------
 :class:`MemberModule` holds the ``K`` members of one module in an ``nn.ModuleList`` and runs
@@ -214,6 +231,16 @@ def member_names(state_keys: Iterable[str]) -> dict[str, dict[str, dict[int, str
     return groups
 
 
+def member_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The member entries of a state dict (``'<name>.members.<k>.<leaf>'``), in its order.
+
+    Every parameter and buffer of every late-phase member (running statistics and
+    ``num_batches_tracked`` included); the shared weights are left out. The tensors are the
+    state's own, not copies.
+    """
+    return {key: value for key, value in state.items() if _MEMBER_KEY.match(key) is not None}
+
+
 def is_member_state(state_keys: Iterable[str]) -> bool:
     """Whether any key belongs to a late-phase member (``'<name>.members.<k>.<param>'``)."""
     return any(_MEMBER_KEY.match(key) is not None for key in state_keys)
@@ -362,6 +389,9 @@ def ensemble_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tens
     return torch.cat(chunks).to(x.device)
 
 
+SHARED_GRADS = ("sum", "mean")
+
+
 def train_late_phase(
     model: nn.Module,
     x: Tensor,
@@ -371,6 +401,7 @@ def train_late_phase(
     seed: int,
     device: torch.device | str = "cpu",
     late: bool,
+    shared_grad: str = "sum",
 ) -> dict[str, float]:
     """Train a late-phase model in place for one round (von Oswald et al. 2021, algorithm 1).
 
@@ -380,12 +411,29 @@ def train_late_phase(
     is then copied into all members, so they stay identical.
 
     In the late phase (``late=True``) batch ``i`` runs member ``i mod K``, which takes its own
-    SGD step on that batch. The shared weights accumulate gradients over the ``K`` batches of a
-    cycle and step once with their *mean*: the gradient of the mean loss over the cycle, so
-    the shared step is comparable to plain SGD on a ``K`` times larger batch (a sum would
-    multiply the shared learning rate by ``K``). A last, incomplete cycle of ``n < K`` batches
-    still steps, with the mean over its ``n`` batches. The shared step uses the learning rate
-    scheduled at the cycle's first batch (the weights it evaluated the cycle with).
+    SGD step on that batch (its gradient is cleared before every batch). The shared weights'
+    gradients are cleared at the start of each cycle of ``K`` batches, accumulate over the
+    cycle while the shared weights stay fixed, and the shared weights take one step at the
+    end of the cycle, with the learning rate scheduled at the cycle's first batch (the one the
+    members use there; with a constant schedule the members' rate):
+
+    - ``shared_grad="sum"`` (default): the step uses the *sum* of the ``K`` gradients, as the
+      authors' code does (``utils/train_test.py`` of seijin-kobayashi/late-phase-weights: a
+      plain ``backward`` per batch, no division by ``K``). The shared weights thus move like
+      plain SGD on a ``K`` times larger batch at ``K`` times the learning rate.
+    - ``shared_grad="mean"``: the step uses their *mean*, the gradient of the mean loss over
+      the cycle, comparable to one plain SGD step on a ``K`` times larger batch.
+
+    Momentum and weight decay are those of :class:`torch.optim.SGD`, applied once per shared
+    step (weight decay is not multiplied by ``K`` in ``"sum"`` mode); a FedProx term is part
+    of every batch's loss, so it accumulates like the data gradients.
+
+    A last, incomplete cycle of ``n < K`` batches still steps, with the sum (or the mean) of
+    its ``n`` gradients. This departs from the authors' code on purpose: there an incomplete
+    cycle at the end of an epoch is discarded (its gradient is cleared at the next epoch's
+    start), which loses at most ``K - 1`` of an epoch's ~391 CIFAR batches; a federated round
+    may hold few batches, fewer than ``K`` even, and discarding would drop a large share of
+    the round's data from the shared weights, or never move them at all.
 
     Parameters
     ----------
@@ -402,13 +450,23 @@ def train_late_phase(
         Where to train.
     late : bool
         Whether the late phase has started.
+    shared_grad : {"sum", "mean"}, optional
+        How the shared weights combine a cycle's gradients (see above); ignored before the
+        late phase.
 
     Returns
     -------
     dict
         ``loss`` (mean cross-entropy over the batches), ``steps`` (batches = member steps),
         ``shared_steps`` (steps of the shared weights), ``examples``, ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        If ``shared_grad`` is neither ``"sum"`` nor ``"mean"``.
     """
+    if shared_grad not in SHARED_GRADS:
+        raise ValueError(f"shared_grad must be one of {SHARED_GRADS}, got {shared_grad!r}")
     modules = late_phase_modules(model)
     count = num_members(model)
     previous = modules[0][1].active if modules else 0
@@ -491,7 +549,8 @@ def train_late_phase(
         cycle_end = position == count - 1 or step == len(batches) - 1
         if cycle_end and shared_opt is not None:
             n = position + 1
-            if n > 1:
+            # "sum" steps with the accumulated gradient as it is, as the authors' code does.
+            if shared_grad == "mean" and n > 1:
                 with torch.no_grad():
                     for p in shared:
                         if p.grad is not None:

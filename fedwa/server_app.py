@@ -30,6 +30,7 @@ from fedwa.late_phase import collapse_state, ensemble_logits, num_members, set_a
 from fedwa.metrics import classification_report, evaluate_model, report_from_counts
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
 from fedwa.rounds import run_rounds
+from fedwa.shadow import evaluation_seed, reseed_shadow
 from fedwa.task import federated_data, make_model, make_plain_model, shot_options
 from fedwa.training import configure_threads, resolve_device, round_lr
 from strategies import build_strategy
@@ -283,6 +284,10 @@ class CentralEvaluator:
         self.members = num_members(model)
         self.plain = make_plain_model(config, data) if self.members > 1 else None
         self.final_state: dict[str, torch.Tensor] | None = None
+        # Shadow weights with desire-oriented inference draw random kernel transforms in eval
+        # mode: every evaluation reseeds them from (run seed, round), so the same config and
+        # seed give the same numbers, also after a resume.
+        self.shadow_seed = evaluation_seed(int(config["seed"]), 0)
 
     def prepare(self, name: str, arrays: ArrayRecord) -> str | None:
         """Load ``arrays`` into the model, recomputing BN statistics where the strategy asks.
@@ -290,6 +295,7 @@ class CentralEvaluator:
         Returns the route used, or None.
         """
         self.model.load_state_dict(to_state_dict(arrays))
+        reseed_shadow(self.model, self.shadow_seed)  # BN recomputation may draw transforms
         if name not in getattr(self.strategy, "recompute_bn", ()) or self.route == "off":
             return None
         # Late-phase weights: every member's BatchNorm copies get their own statistics.
@@ -327,11 +333,13 @@ class CentralEvaluator:
         if self.members > 1:
             self.plain.load_state_dict(collapse_state(self.model.state_dict(), self.members))
             model = self.plain
+        reseed_shadow(model, self.shadow_seed)
         report = evaluate_model(
             model, self.x_test, self.y_test, num_classes=self.data.num_classes,
             train_class_counts=self.data.train_class_counts,
             batch_size=int(self.config["eval-batch-size"]), device=self.device, **shots)
         if self.members > 1:
+            reseed_shadow(self.model, self.shadow_seed)
             logits = ensemble_logits(self.model.to(self.device), self.x_test.to(self.device))
             ensemble = classification_report(
                 logits.argmax(1).cpu().numpy(), self.y_test.numpy(), self.data.num_classes,
@@ -342,6 +350,7 @@ class CentralEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         round_seconds = time.perf_counter() - self.last
+        self.shadow_seed = evaluation_seed(int(self.config["seed"]), server_round)
         chooser = getattr(self.strategy, "models_to_evaluate", None)
         models = chooser(server_round, arrays) if chooser else {"global": arrays}
         (main_name, main_arrays), *others = models.items()

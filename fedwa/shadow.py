@@ -2,37 +2,57 @@
 
 WAS (Zhuang et al., "Weight Augmentation Strategy", arXiv 2405.19590) augments the *weights*
 of a network rather than its inputs. Every selected convolution keeps its plain weight ``W``
-and gains one learnable scalar ``a`` (initialised to 1). During training its forward pass uses
-the *shadow weight*
+and gains one learnable scalar ``a``. During training its forward pass uses the *shadow weight*
 
     SW = a * T(W),
 
 where ``T`` is a random transform of the kernels, redrawn at every forward pass. Gradients
 flow through ``T`` into ``W`` and into ``a``, so the plain weight learns to work under a whole
-family of perturbed kernels. Two inference modes are offered, following the paper's
-accuracy-oriented and desire-oriented modes:
+family of perturbed kernels. Two inference modes follow the paper's accuracy-oriented and
+desire-oriented modes:
 
 * ``"plain"`` (accuracy-oriented, default): the evaluated conv uses ``W`` exactly.
-* ``"shadow"`` (desire-oriented): the evaluated conv uses ``a * W``. We read the paper's
-  shadow weight at inference as ``a * E[T(W)]`` and take the transform's expectation as the
-  identity: drawing a random kernel at evaluation time would make predictions
-  non-deterministic, which no evaluation protocol in this project can accept.
+* ``"shadow"`` (desire-oriented, the authors' "deploy 1"): the evaluated conv computes
+  ``a * T(W)`` with a freshly drawn random ``T`` at every forward pass, exactly as in
+  training. Predictions are then random: they depend on the layer's generator (reseed it,
+  :func:`reseed_shadow`, before an evaluation to repeat it) and on how the test set is cut
+  into batches, since one ``T`` is drawn per forward pass, i.e. per evaluation batch.
 
-Two transforms ``T`` are implemented, both as an affine resampling of each ``k_h x k_w``
-kernel seen as a tiny image (``torch.nn.functional.affine_grid`` + ``grid_sample`` with
-``align_corners=False``, so ``T(W)`` is differentiable in ``W``):
+The scale ``a`` is initialised to 1 (``scale_init="one"``, the default) or from ``U(0, 1)``
+(``"uniform"``, the authors' code draws it with ``torch.rand``). Under a BatchNorm in train
+mode right after the conv (every conv of this project's models), ``a`` cancels:
+``BN(a z) = BN(z)`` for ``a > 0`` up to BN's ``eps``, so the loss barely depends on ``a`` and
+it hardly learns; it still scales what the BN's running statistics see. That is why 1 is the
+default here, a documented departure: the BN layers learn their running statistics on
+``a * T(W) x`` during training, so the accuracy-oriented mode (plain ``W``, ``inference =
+"plain"``) feeds them inputs ``1 / a`` times larger than the statistics describe. With
+``a = 1`` the two agree (``T(W) = W`` in most draws); with ``a ~ U(0, 1)`` they agree only
+in the desire-oriented mode, which is how the authors' script evaluates (its default forward
+runs the shadow path). See :class:`ShadowConv2d`.
 
-* ``"resize-crop"``: a square crop (aspect ratio 1) covering a fraction ``s ~ U(0.8, 1.0)`` of
-  the kernel's area, at a uniformly random position inside the kernel, resized back to
-  ``k_h x k_w`` with bilinear interpolation.
+Three transforms ``T`` are implemented, all differentiable in ``W``:
+
+* ``"reference"`` (default): the authors' code, ``torchvision.transforms.RandomResizedCrop``
+  with output size ``(k_h, k_w)``, area fraction ``U(0.8, 1.0)`` and aspect ratio
+  log-uniform in ``[3/4, 4/3]``, applied to the weight tensor ``[out, in, k_h, k_w]`` as an
+  image. The crop has integer size and position (:func:`sample_crop`) and is resized back
+  bilinearly (:func:`resized_crop`). For a ``3 x 3`` kernel the crop is the whole kernel,
+  ``T(W) = W``, in about 84% of the draws; otherwise it is a ``2 x 3`` or ``3 x 2`` crop
+  stretched back to ``3 x 3``.
+* ``"resize-crop"``: a square crop (aspect ratio 1) covering a fraction ``s ~ U(0.8, 1.0)``
+  of the kernel's area at a uniformly random *sub-pixel* position, resized back to
+  ``k_h x k_w`` with bilinear interpolation: a perturbation at every draw.
 * ``"translate"``: a shift of up to 30% of the kernel size along each axis (independent
   uniform draws), bilinear, with zeros shifted in.
 
+The last two are affine resamplings of each kernel seen as a tiny image
+(``torch.nn.functional.affine_grid`` + ``grid_sample`` with ``align_corners=False``).
+
 One random transform is drawn per forward pass and shared by every kernel of the layer (all
-``out x in`` channel pairs). The paper augments a layer's weight as one object; sharing the
-draw also keeps the cost at one small ``grid_sample`` per layer and makes the transform of a
-layer a single reproducible event of its generator. ``1 x 1`` kernels have nothing to crop
-or shift, so for them ``T`` is the identity and ``SW = a * W``.
+``out x in`` channel pairs), as the authors' code does by cropping the whole weight tensor at
+once; it also keeps the cost at one small resampling per layer and makes the transform of a
+layer a single reproducible event of its generator. ``1 x 1`` kernels have nothing to crop or
+shift, so for them ``T`` is the identity and ``SW = a * W``.
 
 Each :class:`ShadowConv2d` owns a seeded :class:`torch.Generator`, so the random transforms
 are reproducible and independent of the global torch RNG (data shuffling, dropout).
@@ -58,18 +78,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: The kernel transforms ``T`` a :class:`ShadowConv2d` can train through.
-TRANSFORMS = ("resize-crop", "translate")
-#: What a :class:`ShadowConv2d` uses in eval mode: ``W`` or ``a * W``.
+TRANSFORMS = ("reference", "resize-crop", "translate")
+#: The transforms that are affine resamplings (:class:`AffineParams`, :func:`sample_affine`).
+AFFINE_TRANSFORMS = ("resize-crop", "translate")
+#: What a :class:`ShadowConv2d` uses in eval mode: ``W`` or ``a * T(W)`` with a random ``T``.
 INFERENCE_MODES = ("plain", "shadow")
+#: Initial values of the learnable scale ``a``: ``U(0, 1)`` (the authors') or 1.
+SCALE_INITS = ("uniform", "one")
 
 #: Range of the crop's area fraction ``s`` of ``"resize-crop"`` (arXiv 2405.19590).
 CROP_AREA = (0.8, 1.0)
 #: Largest shift of ``"translate"``, as a fraction of the kernel size along each axis.
 MAX_SHIFT = 0.3
+#: ``scale`` (area fraction) and ``ratio`` (width / height) ranges of the authors'
+#: ``RandomResizedCrop((3, 3), scale=(0.8, 1.0))``; the ratio is torchvision's default.
+REFERENCE_SCALE = (0.8, 1.0)
+REFERENCE_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+#: Crop sizes RandomResizedCrop tries before falling back to a centre crop.
+REFERENCE_ATTEMPTS = 10
 
 # The affine maps act on normalised coordinates where the kernel spans [-1, 1] along each
 # axis (align_corners=False), i.e. 2 units; a fraction f of the kernel size is 2 f units.
 _MAX_SHIFT_NORMALISED = 2.0 * MAX_SHIFT
+# spawn_key of the SeedSequence streams derived from a layer's generator seed and from a
+# run seed: distinct keys keep the scale initialisation and the evaluation draws independent
+# of the transforms drawn in training.
+_SCALE_STREAM = 1
+_EVALUATION_STREAM = 2
 
 
 class AffineParams(NamedTuple):
@@ -94,6 +129,23 @@ class AffineParams(NamedTuple):
     offset_y: float
 
 
+class CropParams(NamedTuple):
+    """An integer crop of a kernel, as ``torchvision.transforms.functional.crop`` takes it.
+
+    Attributes
+    ----------
+    top, left : int
+        Index of the crop's first row and first column.
+    height, width : int
+        Size of the crop, at least 1 and at most the kernel's.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -105,6 +157,7 @@ def sample_affine(transform: str, generator: torch.Generator) -> AffineParams:
     Parameters
     ----------
     transform : {"resize-crop", "translate"}
+        An affine transform (``"reference"`` draws with :func:`sample_crop`).
         ``"resize-crop"``: area fraction ``s ~ U(0.8, 1.0)``, window side ``sqrt(s)`` and a
         centre uniform over the positions that keep the window inside the kernel.
         ``"translate"``: shifts uniform in ``[-0.3, 0.3]`` of the kernel size per axis
@@ -121,9 +174,9 @@ def sample_affine(transform: str, generator: torch.Generator) -> AffineParams:
     Raises
     ------
     ValueError
-        If ``transform`` is unknown.
+        If ``transform`` is not an affine transform.
     """
-    _check_choice("transform", transform, TRANSFORMS)
+    _check_choice("transform", transform, AFFINE_TRANSFORMS)
     u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
     if transform == "resize-crop":
         low, high = CROP_AREA
@@ -169,6 +222,150 @@ def apply_affine(weight: Tensor, params: AffineParams, padding_mode: str) -> Ten
     return resampled.reshape(out_ch, in_ch, kh, kw)
 
 
+def sample_crop(
+    kernel_size: tuple[int, int],
+    generator: torch.Generator,
+    scale: tuple[float, float] = REFERENCE_SCALE,
+    ratio: tuple[float, float] = REFERENCE_RATIO,
+) -> CropParams:
+    """Draw a crop as ``torchvision.transforms.RandomResizedCrop.get_params`` does.
+
+    The ``"reference"`` transform of WAS (Zhuang et al., arXiv 2405.19590; the authors' code
+    crops the weight with ``RandomResizedCrop((3, 3), scale=(0.8, 1.0))``). Up to
+    :data:`REFERENCE_ATTEMPTS` times: target area ``t = k_h k_w U(scale)``, aspect ratio
+    ``r = exp(U(log ratio))``, width ``round(sqrt(t r))`` and height ``round(sqrt(t / r))``
+    (Python's ``round``, as torchvision); the first size that fits in the kernel is placed
+    at a uniformly random integer position. If none fits, the centre crop of the kernel
+    with its aspect ratio clamped to ``ratio`` (:func:`centre_crop`; for a square kernel:
+    the whole kernel).
+
+    For a ``3 x 3`` kernel the width and height can only be 2 or 3 and never both 2 (the
+    area is at least 7.2 > 2.5**2), so the first attempt always fits: the whole kernel with
+    probability about 0.844, a ``2 x 3`` or ``3 x 2`` crop otherwise.
+
+    Parameters
+    ----------
+    kernel_size : tuple of int
+        ``(k_h, k_w)``, the "image" being cropped.
+    generator : torch.Generator
+        Source of randomness, used in place of torchvision's global RNG: two float64 uniforms
+        per attempt, then two ``torch.randint`` for the position of an accepted crop.
+    scale, ratio : tuple of float, optional
+        As in ``RandomResizedCrop``; the defaults are the authors'.
+
+    Returns
+    -------
+    CropParams
+        Inside the kernel.
+    """
+    height, width = kernel_size
+    area = height * width
+    low, high = scale
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(REFERENCE_ATTEMPTS):
+        u_area, u_ratio = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target_area = area * (low + (high - low) * u_area)
+        aspect = math.exp(log_low + (log_high - log_low) * u_ratio)
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return CropParams(top, left, h, w)
+    return centre_crop(kernel_size, ratio)
+
+
+def centre_crop(kernel_size: tuple[int, int],
+                ratio: tuple[float, float] = REFERENCE_RATIO) -> CropParams:
+    """RandomResizedCrop's fallback: the centred crop with the aspect ratio clamped to ``ratio``.
+
+    Parameters
+    ----------
+    kernel_size : tuple of int
+        ``(k_h, k_w)``.
+    ratio : tuple of float, optional
+        Allowed range of width / height.
+
+    Returns
+    -------
+    CropParams
+        The whole kernel when its own aspect ratio is within ``ratio``; otherwise the
+        longer side is cut to the nearest extreme ratio, centred (rounding down).
+    """
+    height, width = kernel_size
+    own = width / height
+    if own < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif own > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return CropParams((height - h) // 2, (width - w) // 2, h, w)
+
+
+def resized_crop(weight: Tensor, params: CropParams) -> Tensor:
+    """Crop every kernel of ``weight`` and resize it back to ``k_h x k_w`` (bilinear).
+
+    Equals ``torchvision.transforms.functional.resized_crop(weight, *params, [k_h, k_w],
+    antialias=True)``: the crop is never larger than the kernel, so the resize only ever
+    upsamples, where antialiasing changes nothing, and plain
+    :func:`torch.nn.functional.interpolate` (``align_corners=False``) does the same. Output
+    pixel ``p`` of an axis of crop length ``n`` and kernel length ``k`` reads source
+    coordinate ``(p + 0.5) n / k - 0.5``, clamped at the crop's edges.
+
+    Parameters
+    ----------
+    weight : Tensor
+        Conv weight ``[out, in, k_h, k_w]`` (float dtype); all kernels share the crop.
+    params : CropParams
+        Inside the kernel.
+
+    Returns
+    -------
+    Tensor
+        ``weight`` itself when the crop is the whole kernel; otherwise a tensor of the same
+        shape, dtype and device, differentiable in ``weight``.
+
+    Raises
+    ------
+    ValueError
+        If the crop is empty or leaves the kernel.
+    """
+    kh, kw = weight.shape[-2:]
+    top, left, h, w = params
+    if not (0 < h and 0 < w and 0 <= top <= kh - h and 0 <= left <= kw - w):
+        raise ValueError(f"crop {params} does not fit a {kh} x {kw} kernel")
+    if (h, w) == (kh, kw):
+        return weight
+    crop = weight[..., top:top + h, left:left + w]
+    # [out, in, h, w] is read by interpolate as a batch of `out` images with `in` channels.
+    return F.interpolate(crop, size=(kh, kw), mode="bilinear", align_corners=False)
+
+
+def sample_transform(transform: str, kernel_size: tuple[int, int],
+                     generator: torch.Generator) -> AffineParams | CropParams:
+    """Draw the random parameters of ``transform`` for a kernel of ``kernel_size``.
+
+    Parameters
+    ----------
+    transform : {"reference", "resize-crop", "translate"}
+        ``"reference"`` draws with :func:`sample_crop`, the others with :func:`sample_affine`.
+    kernel_size : tuple of int
+        ``(k_h, k_w)``.
+    generator : torch.Generator
+        Source of randomness.
+
+    Returns
+    -------
+    AffineParams or CropParams
+        What :func:`transform_kernel` takes for ``transform``.
+    """
+    _check_choice("transform", transform, TRANSFORMS)
+    if transform == "reference":
+        return sample_crop(kernel_size, generator)
+    return sample_affine(transform, generator)
+
+
 def _padding_for(transform: str) -> str:
     # A crop lies inside the kernel, but bilinear reads between the outer pixel centres and
     # the kernel's edge still need a neighbour: "border" repeats the edge pixel, as resizing
@@ -177,34 +374,44 @@ def _padding_for(transform: str) -> str:
     return "border" if transform == "resize-crop" else "zeros"
 
 
-def transform_kernel(weight: Tensor, transform: str, params: AffineParams) -> Tensor:
+def transform_kernel(weight: Tensor, transform: str,
+                     params: AffineParams | CropParams) -> Tensor:
     """Deterministic part of ``T``: apply ``transform`` with chosen parameters.
 
     Parameters
     ----------
     weight : Tensor
         Conv weight ``[out, in, k_h, k_w]``.
-    transform : {"resize-crop", "translate"}
-        Selects the padding (``"border"`` for crops, ``"zeros"`` for translations).
-    params : AffineParams
-        E.g. from :func:`sample_affine`.
+    transform : {"reference", "resize-crop", "translate"}
+        ``"reference"`` takes :class:`CropParams` (:func:`resized_crop`); the affine ones take
+        :class:`AffineParams` and select the padding (``"border"`` for crops, ``"zeros"`` for
+        translations).
+    params : AffineParams or CropParams
+        E.g. from :func:`sample_transform`.
 
     Returns
     -------
     Tensor
         ``T(W)``; ``weight`` itself for ``1 x 1`` kernels, which have nothing to crop or shift
-        (arXiv 2405.19590 transforms spatial kernels).
+        (arXiv 2405.19590 transforms spatial kernels), and for a ``"reference"`` crop that is
+        the whole kernel.
 
     Raises
     ------
     ValueError
-        If ``transform`` is unknown or ``weight`` is not 4-D.
+        If ``transform`` is unknown, ``params`` are of the other kind, or ``weight`` is not
+        4-D.
     """
     _check_choice("transform", transform, TRANSFORMS)
     if weight.dim() != 4:
         raise ValueError(f"weight must be [out, in, k_h, k_w], got shape {tuple(weight.shape)}")
+    expected = CropParams if transform == "reference" else AffineParams
+    if not isinstance(params, expected):
+        raise ValueError(f"transform {transform!r} takes {expected.__name__}, got {params!r}")
     if weight.shape[-2:] == (1, 1):
         return weight
+    if isinstance(params, CropParams):
+        return resized_crop(weight, params)
     return apply_affine(weight, params, _padding_for(transform))
 
 
@@ -215,21 +422,54 @@ def kernel_transform(weight: Tensor, transform: str, generator: torch.Generator)
     ----------
     weight : Tensor
         Conv weight ``[out, in, k_h, k_w]``.
-    transform : {"resize-crop", "translate"}
-        The transform family, see :func:`sample_affine`.
+    transform : {"reference", "resize-crop", "translate"}
+        The transform family, see :func:`sample_transform`.
     generator : torch.Generator
-        Advanced by one draw, except for ``1 x 1`` kernels whose transform is the identity
-        and needs no randomness.
+        Advanced by one draw of :func:`sample_transform`, except for ``1 x 1`` kernels whose
+        transform is the identity and needs no randomness.
 
     Returns
     -------
     Tensor
-        The transformed weight, differentiable in ``weight``.
+        The transformed weight, differentiable in ``weight`` (``weight`` itself when the
+        draw leaves it unchanged).
     """
     _check_choice("transform", transform, TRANSFORMS)
     if weight.dim() == 4 and weight.shape[-2:] == (1, 1):
         return weight
-    return transform_kernel(weight, transform, sample_affine(transform, generator))
+    params = sample_transform(transform, tuple(weight.shape[-2:]), generator)
+    return transform_kernel(weight, transform, params)
+
+
+def initial_scale(scale_init: str, generator_seed: int) -> float:
+    """The initial value of a layer's shadow scale ``a``.
+
+    Parameters
+    ----------
+    scale_init : {"uniform", "one"}
+        ``"uniform"``: ``a ~ U(0, 1)``, as the authors' code (``torch.rand``; Zhuang et al.,
+        arXiv 2405.19590). ``"one"``: ``a = 1``, so that ``SW = T(W)`` at the start.
+    generator_seed : int
+        The layer's generator seed. The uniform is drawn from its own stream,
+        ``numpy.random.SeedSequence(generator_seed mod 2**64, spawn_key=(1,))``, which is
+        independent of the layer's transforms (its :class:`torch.Generator` is not advanced)
+        and of the global torch and numpy RNGs.
+
+    Returns
+    -------
+    float
+        ``a``, in ``[0, 1)`` for ``"uniform"``.
+
+    Raises
+    ------
+    ValueError
+        If ``scale_init`` is unknown.
+    """
+    _check_choice("scale_init", scale_init, SCALE_INITS)
+    if scale_init == "one":
+        return 1.0
+    stream = np.random.SeedSequence(generator_seed % 2**64, spawn_key=(_SCALE_STREAM,))
+    return float(np.random.default_rng(stream).random())
 
 
 class ShadowConv2d(nn.Conv2d):
@@ -237,24 +477,47 @@ class ShadowConv2d(nn.Conv2d):
 
     In training mode the convolution uses ``SW = a * T(W)`` with a random kernel transform
     ``T`` redrawn at every forward pass (Zhuang et al., "Weight Augmentation Strategy",
-    arXiv 2405.19590); in eval mode it uses ``W`` (``inference="plain"``) or ``a * W``
-    (``inference="shadow"``).
+    arXiv 2405.19590). In eval mode it uses ``W`` (``inference="plain"``, accuracy-oriented)
+    or, desire-oriented (``inference="shadow"``), ``a * T(W)`` with a fresh random ``T`` per
+    forward pass as in training: eval-mode outputs then depend on :attr:`generator` (reseed
+    to repeat them) and on how the inputs are batched (one draw per forward pass).
+
+    What the scale does. The conv is linear in its weight, so ``a`` multiplies the conv's
+    output ``z`` (the bias ``b`` excluded): ``conv(x; a T(W)) = a z + b``, and
+    ``dL/da = sum(dL/dy * z)``. Where no normalisation follows, ``a`` is a learnable gain of
+    the layer (relative to ``b``, if any) and learns like any weight. Where a BatchNorm in
+    train mode follows (every conv of this project's models), the batch statistics absorb
+    it: the batch mean is ``a mu + b`` and the variance ``a**2 var``, so
+    ``BN(a z + b) = a (z - mu) / sqrt(a**2 var + eps) = BN(z)`` for ``a > 0`` up to
+    ``eps``, with or without a conv bias (BN removes ``b`` as well). The loss then depends
+    on ``a`` only through ``eps / (a**2 var)``: ``dL/da`` is close to zero (of the order
+    of 1e-5 of ``||dL/dW||`` in this project's tests) and, without weight decay, ``a`` stays (nearly) where
+    it was initialised; weight decay shrinks it like any weight. It still sets the scale at
+    which the BN's *running* statistics are gathered (``a z + b``): eval-mode BN with the
+    ``"shadow"`` inference is consistent with them, whereas ``"plain"`` feeds ``z + b``
+    into that BN, off by the factor ``1 / a``, unless the statistics are recomputed with
+    the plain weights.
 
     Parameters
     ----------
     *args, **kwargs
         Those of :class:`torch.nn.Conv2d`.
-    transform : {"resize-crop", "translate"}, optional
-        The random transform ``T``.
+    transform : {"reference", "resize-crop", "translate"}, optional
+        The random transform ``T``; ``"reference"`` (default) is the authors' random resized
+        crop.
     inference : {"plain", "shadow"}, optional
         Weight used in eval mode.
+    scale_init : {"uniform", "one"}, optional
+        Initial ``a``: 1 (default) or ``U(0, 1)`` (the authors') drawn from a stream derived
+        from ``generator_seed`` (:func:`initial_scale`); see the module docstring for why 1
+        is the default.
     generator_seed : int, optional
         Seed of the layer's own CPU generator (see :meth:`reseed`).
 
     Attributes
     ----------
     shadow_scale : torch.nn.Parameter
-        The scalar ``a`` (0-d), initialised to 1.
+        The scalar ``a`` (0-d).
     transform, inference : str
         As above.
     generator : torch.Generator
@@ -265,18 +528,20 @@ class ShadowConv2d(nn.Conv2d):
     def __init__(
         self,
         *args: object,
-        transform: str = "resize-crop",
+        transform: str = "reference",
         inference: str = "plain",
+        scale_init: str = "one",
         generator_seed: int = 0,
         **kwargs: object,
     ) -> None:
         _check_choice("transform", transform, TRANSFORMS)
         _check_choice("inference", inference, INFERENCE_MODES)
+        scale = initial_scale(scale_init, generator_seed)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.transform = transform
         self.inference = inference
         self.shadow_scale = nn.Parameter(
-            torch.ones((), dtype=self.weight.dtype, device=self.weight.device)
+            torch.full((), scale, dtype=self.weight.dtype, device=self.weight.device)
         )
         self.generator = torch.Generator()
         self.reseed(generator_seed)
@@ -285,9 +550,10 @@ class ShadowConv2d(nn.Conv2d):
     def from_conv(
         cls,
         conv: nn.Conv2d,
-        transform: str = "resize-crop",
+        transform: str = "reference",
         inference: str = "plain",
         generator_seed: int = 0,
+        scale_init: str = "one",
     ) -> ShadowConv2d:
         """Build a shadow conv with the configuration and a copy of the weights of ``conv``.
 
@@ -295,14 +561,14 @@ class ShadowConv2d(nn.Conv2d):
         ----------
         conv : torch.nn.Conv2d
             Source layer; left unchanged and sharing no storage with the result.
-        transform, inference, generator_seed
+        transform, inference, generator_seed, scale_init
             As in the class.
 
         Returns
         -------
         ShadowConv2d
             Same device, dtype, training mode and ``requires_grad`` as ``conv``;
-            ``shadow_scale`` is 1.
+            ``shadow_scale`` from ``scale_init`` and ``generator_seed``.
         """
         weight = conv.weight
         # Built on the meta device: a normal build would run the default initialisation,
@@ -322,6 +588,7 @@ class ShadowConv2d(nn.Conv2d):
             dtype=weight.dtype,
             transform=transform,
             inference=inference,
+            scale_init=scale_init,
             generator_seed=generator_seed,
         )
         new.to_empty(device=weight.device)
@@ -332,7 +599,8 @@ class ShadowConv2d(nn.Conv2d):
                 assert new.bias is not None
                 new.bias.copy_(conv.bias)
                 new.bias.requires_grad_(conv.bias.requires_grad)
-            new.shadow_scale.fill_(1.0)
+            # to_empty left the meta tensor's storage uninitialised.
+            new.shadow_scale.fill_(initial_scale(scale_init, generator_seed))
         new.train(conv.training)
         return new
 
@@ -359,6 +627,9 @@ class ShadowConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         """Convolve ``x`` with the shadow weight (training) or the inference weight (eval).
 
+        Draws one transform from :attr:`generator` in training and in eval mode with
+        ``inference="shadow"``; none with ``"plain"``.
+
         Parameters
         ----------
         x : Tensor
@@ -379,7 +650,9 @@ class ShadowConv2d(nn.Conv2d):
         elif self.inference == "plain":
             weight = self.weight
         elif self.inference == "shadow":
-            weight = self.shadow_scale * self.weight
+            # Desire-oriented mode ("deploy 1" of the authors' code): a fresh random T at
+            # test time too, exactly as in training.
+            weight = self.shadow_weight()
         else:
             _check_choice("inference", self.inference, INFERENCE_MODES)
             raise AssertionError("unreachable")
@@ -418,9 +691,10 @@ def _layer_seed(seed: int, index: int) -> int:
 def add_shadow_weights(
     model: nn.Module,
     layers: str | Sequence[str] = "all",
-    transform: str = "resize-crop",
+    transform: str = "reference",
     inference: str = "plain",
     seed: int = 0,
+    scale_init: str = "one",
 ) -> nn.Module:
     """Replace selected convolutions of ``model`` by :class:`ShadowConv2d`, in place.
 
@@ -435,14 +709,22 @@ def add_shadow_weights(
     layers : str or sequence of str, optional
         ``"all"`` (default) for every ``nn.Conv2d``, or one name / a list of names from
         :func:`conv_layer_names`.
-    transform : {"resize-crop", "translate"}, optional
-        The random kernel transform.
+    transform : {"reference", "resize-crop", "translate"}, optional
+        The random kernel transform; ``"reference"`` (default) is the authors' random
+        resized crop.
     inference : {"plain", "shadow"}, optional
-        Weight used in eval mode: ``W`` (accuracy-oriented) or ``a * W`` (desire-oriented).
+        Weight used in eval mode: ``W`` (accuracy-oriented) or ``a * T(W)`` with a fresh
+        random ``T`` per forward pass (desire-oriented).
     seed : int, optional
         Non-negative; layer ``i`` of :func:`conv_layer_names` gets a generator seeded from
         ``(seed, i)``, so a layer's transforms do not depend on which other layers are
         selected.
+    scale_init : {"uniform", "one"}, optional
+        Initial ``a`` of every selected layer: 1 (default, see the module docstring) or
+        ``U(0, 1)`` (the authors'), one independent draw per layer from a stream derived from ``(seed, i)``
+        (:func:`initial_scale`; neither the global RNGs nor the layers' generators move),
+        or 1. The same ``seed`` gives the same ``a`` everywhere, and in a federated run all
+        clients start from the server's initial model anyway.
 
     Returns
     -------
@@ -453,11 +735,12 @@ def add_shadow_weights(
     ------
     ValueError
         If a name is not a conv layer of ``model`` (the message lists the allowed names),
-        a selected layer already has shadow weights, ``transform`` or ``inference`` is unknown,
-        or ``seed`` is negative.
+        a selected layer already has shadow weights, ``transform``, ``inference`` or
+        ``scale_init`` is unknown, or ``seed`` is negative.
     """
     _check_choice("transform", transform, TRANSFORMS)
     _check_choice("inference", inference, INFERENCE_MODES)
+    _check_choice("scale_init", scale_init, SCALE_INITS)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     names = conv_layer_names(model)
@@ -477,7 +760,7 @@ def add_shadow_weights(
             raise ValueError(f"layer {name!r} already has shadow weights")
         assert isinstance(conv, nn.Conv2d)
         shadow = ShadowConv2d.from_conv(
-            conv, transform, inference, _layer_seed(seed, names.index(name))
+            conv, transform, inference, _layer_seed(seed, names.index(name)), scale_init
         )
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, shadow)
@@ -493,7 +776,8 @@ def reseed_shadow(model: nn.Module, seed: int) -> None:
     """Reseed every :class:`ShadowConv2d` of ``model`` as :func:`add_shadow_weights` would.
 
     Lets a client draw reproducible, round-specific transforms (e.g. ``seed`` derived from the
-    run seed, the round and the client id).
+    run seed, the round and the client id), and makes a desire-oriented evaluation
+    (``inference="shadow"``) repeatable (e.g. ``seed`` from :func:`evaluation_seed`).
 
     Parameters
     ----------
@@ -513,3 +797,34 @@ def reseed_shadow(model: nn.Module, seed: int) -> None:
         module = model.get_submodule(name)
         if isinstance(module, ShadowConv2d):
             module.reseed(_layer_seed(seed, index))
+
+
+def evaluation_seed(run_seed: int, server_round: int) -> int:
+    """Seed for :func:`reseed_shadow` before evaluating the model of ``server_round``.
+
+    A desire-oriented evaluation (``inference="shadow"``) draws random transforms; reseeding
+    from the run seed and the round before each evaluation makes its numbers the same for the
+    same config and seed, whatever was drawn before (e.g. after a resume).
+
+    Parameters
+    ----------
+    run_seed : int
+        The run's seed, non-negative.
+    server_round : int
+        The evaluated round (0 for the initial model), non-negative.
+
+    Returns
+    -------
+    int
+        A 63-bit seed from ``numpy.random.SeedSequence([run_seed, server_round])`` with its own
+        ``spawn_key``: unrelated to the clients' training seeds of the same round.
+
+    Raises
+    ------
+    ValueError
+        If an argument is negative.
+    """
+    if run_seed < 0 or server_round < 0:
+        raise ValueError(f"run_seed and server_round must be >= 0, got {run_seed}, {server_round}")
+    stream = np.random.SeedSequence([run_seed, server_round], spawn_key=(_EVALUATION_STREAM,))
+    return int(stream.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

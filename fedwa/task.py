@@ -48,8 +48,11 @@ def make_plain_model(config: Mapping[str, Any], data: FederatedData,
     if layers:
         selected = "all" if layers == "all" else [n.strip() for n in layers.split(",")]
         try:
+            # The scale init is drawn from the seed, so the server's initial model (sent to
+            # every client) and a model rebuilt from the same config carry the same a.
             add_shadow_weights(model, selected, str(config["was-transform"]),
-                               str(config["was-inference"]), seed=seed)
+                               str(config["was-inference"]), seed=seed,
+                               scale_init=str(config.get("was-scale-init", "one")))
         except ValueError as err:
             raise ConfigError("was-layers", layers, str(err)) from None
     return model

@@ -1,10 +1,20 @@
 """HWA: Hierarchical Weight Averaging.
 
 Gu, Zhang et al., "Hierarchical Weight Averaging for Deep Neural Networks", IEEE TNNLS 2023
-(arXiv 2304.11519). Online averaging: the clients' models are averaged every ``hwa-sync-steps``
-local SGD steps and every client continues from that synchronised model (FedAvg with H local
+(arXiv 2304.11519). Online averaging: the clients' models are averaged every ``H`` local SGD
+steps and every client continues from that synchronised model (FedAvg with ``H`` local
 steps). Offline averaging: the uniform average of the last ``hwa-window`` synchronised models,
 which is the model that is evaluated and returned (BatchNorm statistics recomputed).
+
+The budget. ``hwa-sync-steps = H > 0`` sets the online period at a *fixed total of local
+steps*: the run's budget is ``num-server-rounds x local-steps`` steps per client, and HWA
+spends it in ``ceil(budget / H)`` synchronisations of ``H`` steps each (the last one takes the
+remainder). With ``num-server-rounds = 10``, ``local-steps = 30`` and ``H = 10`` the run has
+30 rounds of 10 steps: the same local compute as FedAvg's 10 rounds of 30, averaged three
+times as often. The learning-rate schedule follows the global progress through the budget
+(``progress-start``/``progress-end``), as IMWA's episodes do, so it is the same schedule over
+the same steps. ``hwa-sync-steps = 0`` keeps the run's own rounds (``H`` = one round).
+``hwa-window`` counts synchronisations, not server rounds of the un-split run.
 
 Training continues from the synchronised model, not from the offline average (METHODS.md
 marks this unconfirmed; it is the reading under which the offline average is a pure
@@ -20,15 +30,29 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedwa.averaging import WindowAverage
 from fedwa.config import Key, at_least
+from fedwa.errors import ConfigError
 from strategies.averaged import AveragedModelStrategy
+
+
+def sync_lengths(budget: int, period: int) -> list[int]:
+    """Local steps of each synchronisation: ``period`` each, the last one the remainder.
+
+    >>> sync_lengths(30, 10), sync_lengths(25, 10)
+    ([10, 10, 10], [10, 10, 5])
+    """
+    if budget < 1 or period < 1:
+        raise ValueError(f"need budget >= 1 and period >= 1, got {budget} and {period}")
+    full, rest = divmod(budget, period)
+    return [period] * full + ([rest] if rest else [])
 
 
 class HWA(AveragedModelStrategy):
     """FedAvg every H local steps, evaluated through a sliding-window average."""
 
     config_keys = (
-        Key("hwa-sync-steps", 0, "hwa: local SGD steps between online averages "
-            "(0 = use local-steps / local-epochs).", check=at_least(0)),
+        Key("hwa-sync-steps", 0, "hwa: local SGD steps between online averages at a fixed "
+            "total of num-server-rounds x local-steps steps (more rounds of fewer steps; "
+            "0 = one round).", check=at_least(0)),
         Key("hwa-window", 5, "hwa: synchronised models in the offline average.",
             check=at_least(1)),
     )
@@ -39,14 +63,32 @@ class HWA(AveragedModelStrategy):
         super().__init__(*args, **kwargs)
         self.sync_steps = hwa_sync_steps
         self.average = WindowAverage(hwa_window)
+        self.lengths: list[int] | None = None
+        if hwa_sync_steps:
+            steps = int(self.run_config.get("local-steps", 0))
+            if self.run_config and steps <= 0:
+                raise ConfigError("hwa-sync-steps", hwa_sync_steps, "0 unless local-steps > 0: "
+                                  "the budget it splits is num-server-rounds x local-steps")
+            rounds = int(self.run_config.get("num-server-rounds", 1))
+            self.budget = rounds * max(steps, 1)
+            self.lengths = sync_lengths(self.budget, hwa_sync_steps)
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         return {"hwa_sync_steps": int(config["hwa-sync-steps"]),
                 "hwa_window": int(config["hwa-window"])}
 
+    def total_rounds(self) -> int:
+        if self.lengths is None:
+            return super().total_rounds()
+        return len(self.lengths)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:
-        if self.sync_steps:
-            config["local-steps"] = self.sync_steps
+        if self.lengths is not None:
+            done = sum(self.lengths[: server_round - 1])
+            length = self.lengths[server_round - 1]
+            config["local-steps"] = length
+            config["progress-start"] = done / self.budget
+            config["progress-end"] = (done + length) / self.budget
         return super().configure_train(server_round, arrays, config, grid)

@@ -14,6 +14,20 @@ schedule follows the global progress through the budget and does not restart per
 ``imwa-ema-decay > 0`` also keeps a server-side EMA of the episode averages, evaluated and
 reported beside them (``ema_*`` metrics); training continues from the plain average.
 
+The average is uniform over the K models (``imwa-weighting = uniform``, the paper's
+``w <- (1/K) sum_k w_k``); ``examples`` weights each client by its number of training examples,
+as FedAvg does. The two are identical under ``replicas``, where every client holds the whole
+training set; they differ on a federated partition, where ``examples`` with one episode per
+round *is* FedAvg.
+
+BatchNorm: the learnable parameters are averaged; the running statistics of the evaluated
+average (and of its EMA) are recomputed on data before evaluation (``imwa-bn = recompute``,
+the project default for every averaged model, through ``bn-recompute``: centrally on the
+server split or federatedly), since the mean of K models' running statistics is not the
+statistics of the mean model. ``imwa-bn = average`` evaluates the averaged buffers as they
+are. Either way the next episode starts from the plain average, buffers included: the clients'
+training replaces the running statistics within a few dozen steps.
+
 The K replicas share an architecture and, with ``partition = "replicas"``, a step count, so
 ``batch-clients = true`` trains them in one batched computation (:mod:`fedwa.batched`): on
 digits, 10 replicas of the mlp ran in 0.61x the time of one-by-one training, to the same
@@ -68,12 +82,27 @@ class IMWA(FedAvg):
         Key("imwa-schedule", "equal", "imwa: episode lengths.", choices=("equal", "increasing")),
         Key("imwa-ema-decay", 0.0, "imwa: decay of a server EMA of the episode averages "
             "(0 = off).", check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
+        Key("imwa-weighting", "uniform", "imwa: weights of the episode average: uniform over "
+            "the K models (the paper's) or by example count (FedAvg's).",
+            choices=("uniform", "examples")),
+        Key("imwa-bn", "recompute", "imwa: BatchNorm statistics of the evaluated averages: "
+            "recomputed on data (bn-recompute says where) or the averaged buffers as they are.",
+            choices=("recompute", "average")),
     )
-    recompute_bn = frozenset({"ema"})
+    recompute_bn = frozenset({"global", "ema"})
 
     def __init__(self, *args: Any, imwa_episodes: int = 0, imwa_schedule: str = "equal",
-                 imwa_ema_decay: float = 0.0, **kwargs: Any) -> None:
+                 imwa_ema_decay: float = 0.0, imwa_weighting: str = "uniform",
+                 imwa_bn: str = "recompute", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if imwa_weighting not in ("uniform", "examples"):
+            raise ValueError(f"imwa_weighting must be 'uniform' or 'examples', got "
+                             f"{imwa_weighting!r}")
+        if imwa_bn not in ("recompute", "average"):
+            raise ValueError(f"imwa_bn must be 'recompute' or 'average', got {imwa_bn!r}")
+        self.weighting = imwa_weighting
+        # An instance attribute shadows the class's: the evaluator reads it per strategy.
+        self.recompute_bn = frozenset({"global", "ema"} if imwa_bn == "recompute" else ())
         config = self.run_config
         rounds = int(config.get("num-server-rounds", 1))
         self.unit = "local-steps" if int(config.get("local-steps", 0)) > 0 else "local-epochs"
@@ -90,7 +119,15 @@ class IMWA(FedAvg):
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         return {"imwa_episodes": int(config["imwa-episodes"]),
                 "imwa_schedule": str(config["imwa-schedule"]),
-                "imwa_ema_decay": float(config["imwa-ema-decay"])}
+                "imwa_ema_decay": float(config["imwa-ema-decay"]),
+                "imwa_weighting": str(config["imwa-weighting"]),
+                "imwa_bn": str(config["imwa-bn"])}
+
+    def client_weights(self, replies: list[Message]) -> list[float]:
+        """Uniform (the paper's mean of the K models) or example counts (FedAvg's)."""
+        if self.weighting == "uniform":
+            return [1.0] * len(replies)
+        return super().client_weights(replies)
 
     def total_rounds(self) -> int:
         return len(self.lengths)

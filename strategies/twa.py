@@ -3,17 +3,41 @@
 Li et al., "Trainable Weight Averaging: Efficient Training by Optimizing Historical Solutions",
 ICLR 2023 (arXiv 2205.13104); TWA-v / TWA-t and layer-wise coefficients from the journal
 version. The candidates are the global models of rounds ``twa-start-round``,
-``+ twa-every``, ... up to the last training round. Their learnable parameters span an affine
-subspace (centre = their mean, the SWA point; orthonormal basis by QR); TWA optimises only the
-coefficients of that subspace, starting at the centre. BatchNorm buffers are not in the
-subspace: they are recomputed (``bn-recompute``).
+``+ twa-every``, ... up to the last training round. Their learnable parameters (BatchNorm's
+affine ones included, its buffers not) define the subspace ``w = c + P^T x`` with ``c`` their
+mean, the SWA point, where TWA starts (``x = 0``); only the coefficients ``x`` are trained.
+
+Defaults are the authors' conference code (``main`` branch), each alternative documented:
+
+- basis (``twa-basis``): ``uncentred``, an orthonormal basis of the span of the candidates,
+  which contains the centre (``main``); ``centred``, of their differences from the centre,
+  the affine hull (the journal's centring, fedwa's earlier default);
+- optimiser (``twa-optimizer``): ``sgd``, momentum ``twa-momentum`` 0.9, learning rate 2,
+  coupled L2 weight decay 1e-5 on the weights, learning rate x0.1 at 50% and 75% of the fit
+  (``main``); ``adamw``, learning rate 1e-3, cosine schedule after a 20% linear warmup
+  (journal). ``twa-lr = 0`` takes the reference's rate for the optimiser, ``twa-schedule =
+  auto`` its schedule (:mod:`fedwa.twa`).
+
+Variants:
 
 - ``twa-v`` fits the coefficients on the server's validation split (``server-val-fraction``)
-  right after the last training round: ``twa-epochs`` passes of projected SGD.
+  right after the last training round: ``twa-epochs`` (10, ``main``'s budget) passes of
+  ``twa-batch-size`` (128) batches. ``twa-bn-mode = train`` (both branches) runs BatchNorm on
+  batch statistics during the fit; ``eval`` (fedwa's earlier fit) on the running statistics,
+  first recomputed at the centre, so that the loss depends on the weights alone.
 - ``twa-t`` needs no server data: ``twa-rounds`` extra rounds follow training; in each, the
-  server sends ``w = centre + P^T x``, every client returns the gradient of its local training
-  loss at ``w`` (one model's worth of traffic; BatchNorm in train mode, as when training), the
-  server averages the gradients by example count, projects them and takes one momentum step.
+  server sends ``w = c + P^T x``, every client returns the gradient of its local training
+  loss at ``w`` (one model's worth of traffic; the ClientApp's gradient handler runs
+  BatchNorm in train mode over batches of ``batch-size``, as the authors' fit does, and
+  restores its buffers), the server averages the gradients by example count, projects them
+  and takes one optimiser step. The schedule runs over the ``twa-rounds`` steps, one per
+  round; its state (buffers, step count) is checkpointed with the strategy.
+
+In both, the BatchNorm buffers of the TWA and SWA points come from the last global model and
+are recomputed by the server before it evaluates them (``recompute_bn``, route
+``bn-recompute``), as the ``main`` branch recomputes them (``bn_update``) after the fit. The
+journal evaluates with the running statistics its train-mode fit left behind; fedwa does not
+use those.
 
 Both report the candidates' SWA point beside the TWA point (``swa_*`` metrics): the same
 candidates, with and without training the coefficients.
@@ -29,9 +53,21 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 
 from fedwa.arrays import average_records, to_state_dict
-from fedwa.config import Key, at_least, positive
+from fedwa.config import Key, at_least
 from fedwa.errors import ConfigError
-from fedwa.twa import Subspace, SubspaceOptimizer, flatten, layer_blocks, learnable_names
+from fedwa.twa import (
+    BASES,
+    BN_MODES,
+    OPTIMIZERS,
+    REFERENCE_LR,
+    SCHEDULES,
+    Subspace,
+    SubspaceOptimizer,
+    flatten,
+    layer_blocks,
+    learnable_names,
+    resolve_schedule,
+)
 from strategies.fedavg import FedAvg
 from strategies.swa import half_run
 
@@ -45,8 +81,18 @@ SHARED_KEYS = (
     Key("twa-every", 1, "twa: take every n-th round's global model as a candidate.",
         check=at_least(1)),
     Key("twa-layerwise", False, "twa: one coefficient vector per layer (journal version)."),
-    Key("twa-lr", 0.05, "twa: learning rate of the subspace coefficients.", check=positive),
-    Key("twa-momentum", 0.9, "twa: momentum of the subspace coefficients.",
+    Key("twa-basis", "uncentred", "twa: basis of the span of the candidates (uncentred, the "
+        "authors' main branch) or of their affine hull (centred, journal).", choices=BASES),
+    Key("twa-optimizer", "sgd", "twa: coefficient optimiser: momentum SGD with coupled "
+        "weight decay on the weights (main branch) or AdamW (journal).", choices=OPTIMIZERS),
+    Key("twa-lr", 0.0, "twa: learning rate of the coefficients (0 = the reference's: 2 for "
+        "sgd, 1e-3 for adamw).",
+        check=lambda v: None if v >= 0 else "0 (the reference's rate) or a number > 0"),
+    Key("twa-schedule", "auto", "twa: learning-rate schedule over the fit (auto = step x0.1 "
+        "at 50% and 75% for sgd, cosine with 20% warmup for adamw).", choices=SCHEDULES),
+    Key("twa-weight-decay", 1e-5, "twa: weight decay (sgd: L2 on the weights; adamw: "
+        "decoupled, on the coefficients).", check=at_least(0)),
+    Key("twa-momentum", 0.9, "twa: momentum of the subspace coefficients (sgd).",
         check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
 )
 
@@ -57,7 +103,9 @@ class _TWA(FedAvg):
     recompute_bn = frozenset({"twa", "swa"})
 
     def __init__(self, *args: Any, twa_start_round: int = 0, twa_every: int = 1,
-                 twa_layerwise: bool = False, twa_lr: float = 0.05, twa_momentum: float = 0.9,
+                 twa_layerwise: bool = False, twa_basis: str = "uncentred",
+                 twa_optimizer: str = "sgd", twa_lr: float = 0.0, twa_schedule: str = "auto",
+                 twa_weight_decay: float = 1e-5, twa_momentum: float = 0.9,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.train_rounds = int(self.run_config.get("num-server-rounds", 2))
@@ -65,8 +113,12 @@ class _TWA(FedAvg):
         if self.run_config and self.start_round > self.train_rounds:
             raise ConfigError("twa-start-round", twa_start_round,
                               f"at most num-server-rounds ({self.train_rounds})")
-        self.every, self.layerwise = twa_every, twa_layerwise
-        self.lr, self.momentum = twa_lr, twa_momentum
+        self.every, self.layerwise, self.basis = twa_every, twa_layerwise, twa_basis
+        self.optimizer_name = twa_optimizer
+        # twa-lr = 0: the rate the reference uses with this optimiser.
+        self.lr = twa_lr if twa_lr > 0 else REFERENCE_LR[twa_optimizer]
+        self.schedule = resolve_schedule(twa_schedule, twa_optimizer)
+        self.weight_decay, self.momentum = twa_weight_decay, twa_momentum
         self.candidates: list[torch.Tensor] = []
         self.template: dict[str, torch.Tensor] | None = None  # names, shapes, buffers
         self.names: list[str] = []
@@ -80,7 +132,16 @@ class _TWA(FedAvg):
         return {"twa_start_round": int(config["twa-start-round"]),
                 "twa_every": int(config["twa-every"]),
                 "twa_layerwise": bool(config["twa-layerwise"]),
-                "twa_lr": float(config["twa-lr"]), "twa_momentum": float(config["twa-momentum"])}
+                "twa_basis": str(config["twa-basis"]),
+                "twa_optimizer": str(config["twa-optimizer"]),
+                "twa_lr": float(config["twa-lr"]),
+                "twa_schedule": str(config["twa-schedule"]),
+                "twa_weight_decay": float(config["twa-weight-decay"]),
+                "twa_momentum": float(config["twa-momentum"])}
+
+    def make_optimizer(self) -> SubspaceOptimizer | None:
+        """The optimiser the server steps across rounds; None when the fit builds its own."""
+        return None
 
     def _names_and_blocks(self) -> None:
         from fedwa.task import federated_data, make_model
@@ -102,10 +163,12 @@ class _TWA(FedAvg):
         self.template = state
         self.candidates.append(flatten(state, self.names))
         if server_round == self.train_rounds or server_round + self.every > self.train_rounds:
-            self.subspace = Subspace.from_candidates(self.candidates, self.blocks)
-            self.optimizer = SubspaceOptimizer(self.subspace, self.lr, self.momentum)
-            log.info("twa: %d candidates span %d directions; basis holds %.1f MB",
-                     len(self.candidates), self.subspace.dim, self.subspace.nbytes() / 1e6)
+            self.subspace = Subspace.from_candidates(self.candidates, self.blocks,
+                                                     basis=self.basis)
+            self.optimizer = self.make_optimizer()
+            log.info("twa: %d candidates span %d directions (%s basis); basis holds %.1f MB",
+                     len(self.candidates), self.subspace.dim, self.basis,
+                     self.subspace.nbytes() / 1e6)
             self.candidates = []  # the subspace holds what is needed from here on
 
     def arrays_at(self, weights: torch.Tensor) -> ArrayRecord:
@@ -137,33 +200,43 @@ class _TWA(FedAvg):
             self.subspace = Subspace.from_candidates(
                 [torch.zeros_like(state["subspace"]["centre"])], self.blocks)
             self.subspace.load_state_dict(state["subspace"])
-            self.optimizer = SubspaceOptimizer(self.subspace, self.lr, self.momentum)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer = self.make_optimizer()
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
 
 
 class TWAv(_TWA):
-    """TWA whose coefficients are fitted on the server's validation split."""
+    """TWA whose coefficients are fitted on the server's validation split (TWA-v, journal).
+
+    The fit's budget and optimiser default to the ``main`` branch's (10 epochs, batch 128,
+    SGD at lr 2 with weight decay 1e-5 and the step schedule, BatchNorm in train mode); the
+    journal fits on a held-out split as here, with AdamW (``twa-optimizer = adamw``).
+    """
 
     config_keys = SHARED_KEYS + (
-        Key("twa-epochs", 3, "twa-v: passes over the server validation split.",
+        Key("twa-epochs", 10, "twa-v: passes over the server validation split (10 as in the "
+            "authors' code).", check=at_least(1)),
+        Key("twa-batch-size", 128, "twa-v: batch size of the coefficient fit.",
             check=at_least(1)),
-        Key("twa-batch-size", 64, "twa-v: batch size of the coefficient fit.",
-            check=at_least(1)),
+        Key("twa-bn-mode", "train", "twa-v: BatchNorm during the fit: batch statistics "
+            "(train, the authors') or running statistics recomputed at the centre (eval).",
+            choices=BN_MODES),
     )
 
-    def __init__(self, *args: Any, twa_epochs: int = 3, twa_batch_size: int = 64,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, twa_epochs: int = 10, twa_batch_size: int = 128,
+                 twa_bn_mode: str = "train", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.run_config and float(self.run_config.get("server-val-fraction", 0)) <= 0:
             raise ConfigError("server-val-fraction", self.run_config.get("server-val-fraction"),
                               "a fraction in (0, 1) for twa-v: it fits on the server's "
                               "validation split")
-        self.epochs, self.batch_size = twa_epochs, twa_batch_size
+        self.epochs, self.batch_size, self.bn_mode = twa_epochs, twa_batch_size, twa_bn_mode
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         return {**super().kwargs_from_config(config), "twa_epochs": int(config["twa-epochs"]),
-                "twa_batch_size": int(config["twa-batch-size"])}
+                "twa_batch_size": int(config["twa-batch-size"]),
+                "twa_bn_mode": str(config["twa-bn-mode"])}
 
     def aggregate_train(self, server_round: int, replies: list[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -184,12 +257,18 @@ class TWAv(_TWA):
         x_val, y_val = data.server_val()
         model = make_model(self.run_config, data)
         model.load_state_dict(to_state_dict(self.centre_arrays()))
-        # The fit runs BN in eval mode: give it the centre's own statistics to start from.
-        recompute_bn(model, x_val)
+        if self.bn_mode == "eval":
+            # BN normalises with running statistics during the fit: let them be the centre's
+            # own. In train mode it uses batch statistics, so the buffers do not matter.
+            recompute_bn(model, x_val)
         assert self.subspace is not None
         coefficients = fit_on_data(model, self.subspace, self.names, x_val, y_val,
-                                   epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                   momentum=self.momentum, seed=self.seed)
+                                   epochs=self.epochs, batch_size=self.batch_size,
+                                   optimizer=self.optimizer_name, lr=self.lr,
+                                   momentum=self.momentum, weight_decay=self.weight_decay,
+                                   schedule=self.schedule, bn_mode=self.bn_mode, seed=self.seed)
+        # Buffers from the last global model, whatever the fit left in the running statistics:
+        # the server recomputes them before evaluating "twa" (recompute_bn).
         return self.arrays_at(self.subspace.point(coefficients))
 
     def models_to_evaluate(self, server_round: int, arrays: ArrayRecord
@@ -207,7 +286,12 @@ class TWAv(_TWA):
 
 
 class TWAt(_TWA):
-    """Federated TWA: extra rounds of projected gradient steps on the clients' losses."""
+    """Federated TWA: extra rounds of projected gradient steps on the clients' losses.
+
+    The journal's TWA-t fits the coefficients on the training data; federated, one step per
+    round on the full-batch gradient of the clients' data, so ``twa-rounds`` plays the part
+    of the epochs and the schedule (step or cosine) runs over the rounds.
+    """
 
     config_keys = SHARED_KEYS + (
         Key("twa-rounds", 10, "twa-t: gradient rounds after training.", check=at_least(1)),
@@ -216,6 +300,14 @@ class TWAt(_TWA):
     def __init__(self, *args: Any, twa_rounds: int = 10, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.twa_rounds = twa_rounds
+
+    def make_optimizer(self) -> SubspaceOptimizer:
+        # One step per gradient round, and a round is a pass over the clients' data: the
+        # schedule spans twa-rounds steps of one "epoch" each.
+        assert self.subspace is not None
+        return SubspaceOptimizer(self.subspace, self.lr, self.momentum,
+                                 optimizer=self.optimizer_name, weight_decay=self.weight_decay,
+                                 schedule=self.schedule, total_steps=self.twa_rounds)
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:

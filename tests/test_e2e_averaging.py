@@ -21,7 +21,8 @@ pytestmark = pytest.mark.e2e
 SMALL = {"dataset": "digits", "model": "cnn", "num-clients": 3, "num-server-rounds": 2}
 EXTRA = {  # what each strategy needs to show its own behaviour within two rounds
     "swa": {"swa-start-round": 1},
-    "hwa": {"hwa-sync-steps": 5, "hwa-window": 2},
+    # 2 rounds x 4 local steps = 8 steps, synchronised every 2: four rounds of 2 steps
+    "hwa": {"local-steps": 4, "hwa-sync-steps": 2, "hwa-window": 2},
     "imwa": {"imwa-ema-decay": 0.5},
     "twa-v": {"server-val-fraction": 0.1, "twa-start-round": 1},
     "twa-t": {"twa-start-round": 1, "twa-rounds": 2},
@@ -43,7 +44,7 @@ def test_every_strategy_runs_through_flower(strategy: str, tmp_path: Path) -> No
     rounds = read_rounds(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
-    expected_rounds = {"twa-t": 4}.get(strategy, 2)
+    expected_rounds = {"twa-t": 4, "hwa": 4}.get(strategy, 2)
     assert [r["round"] for r in rounds] == list(range(expected_rounds + 1))
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
     assert rounds[-1]["model"] == MAIN_MODEL.get(strategy, "global")
@@ -54,6 +55,8 @@ def test_every_strategy_runs_through_flower(strategy: str, tmp_path: Path) -> No
         assert rounds[-1]["twa_basis_bytes"] > 0 and "swa_accuracy" in rounds[-1]
     if strategy == "imwa":
         assert "ema_accuracy" in rounds[-1]
+        # the episode average and its EMA get BN statistics recomputed (no server data here)
+        assert rounds[-1]["bn_route"] == {"global": "federated", "ema": "federated"}
     assert (run_dir / "model.pt").is_file()
 
 
@@ -87,3 +90,22 @@ def test_federated_bn_statistics_equal_those_of_the_pooled_data(tmp_path: Path) 
         for buffer in ("running_mean", "running_var"):
             key = f"{name}.{buffer}"
             assert torch.allclose(model.state_dict()[key], saved[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("strategy, overrides", [
+    # fedwa's earlier TWA-v: centred basis, constant 0.05, 3 epochs of 64, BN in eval mode.
+    ("twa-v", {"twa-basis": "centred", "twa-lr": 0.05, "twa-epochs": 3, "twa-batch-size": 64,
+               "twa-schedule": "constant", "twa-weight-decay": 0.0, "twa-bn-mode": "eval"}),
+    # The journal's optimiser with layer-wise coefficients, for both variants.
+    ("twa-v", {"twa-optimizer": "adamw", "twa-layerwise": True, "twa-basis": "centred"}),
+    ("twa-t", {"twa-optimizer": "adamw", "twa-layerwise": True}),
+])
+def test_twa_options_run_through_flower(strategy: str, overrides: dict, tmp_path: Path) -> None:
+    config, run_dir = run(tmp_path, strategy, strategy=strategy, **EXTRA[strategy], **overrides)
+    rounds = read_rounds(run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert rounds[-1]["model"] == "twa" and "swa_accuracy" in rounds[-1]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
+    # Whatever the fit did to them, the server recomputes the TWA point's BN statistics.
+    assert rounds[-1]["bn_route"]["twa"] == (
+        "central" if float(config["server-val-fraction"]) > 0 else "federated")

@@ -318,8 +318,12 @@ def test_shared_steps_once_per_cycle_members_once_per_own_batch():
 
 
 @pytest.mark.parametrize("n", [3, 2])
-def test_shared_step_uses_mean_gradient_and_members_their_own(n):
-    """One (possibly incomplete) cycle, checked against gradients computed by hand."""
+@pytest.mark.parametrize("shared_grad", [None, "sum", "mean"])
+def test_shared_step_uses_summed_or_mean_gradient_and_members_their_own(n, shared_grad):
+    """One (possibly incomplete) cycle, checked against gradients computed by hand.
+
+    ``None`` is the default, which must be the authors' sum; an incomplete cycle of ``n < K``
+    batches still steps, with the sum (mean) of its ``n`` gradients."""
     k, lr = 3, 0.2
     spec = LocalTrainSpec(steps=n, batch_size=4, lr=lr, momentum=0.0, weight_decay=0.0)
     x, y = data(12)
@@ -336,9 +340,12 @@ def test_shared_step_uses_mean_gradient_and_members_their_own(n):
         shared_grads.append(probe.conv.weight.grad.clone())
         member_grads.append((probe.classifier.members[i % k].weight.grad.clone(),
                              probe.bn.members[i % k].weight.grad.clone()))
-    out = train_late_phase(model, x, y, spec, seed=8, late=True)
+    options = {} if shared_grad is None else {"shared_grad": shared_grad}
+    out = train_late_phase(model, x, y, spec, seed=8, late=True, **options)
     assert out["shared_steps"] == 1 and out["steps"] == n
-    expected_conv = start.conv.weight - lr * torch.stack(shared_grads).mean(0)
+    combined = torch.stack(shared_grads)
+    combined = combined.mean(0) if shared_grad == "mean" else combined.sum(0)
+    expected_conv = start.conv.weight - lr * combined
     assert torch.allclose(model.conv.weight, expected_conv, atol=1e-6)
     for j in range(k):
         head = start.classifier.members[j].weight
@@ -352,6 +359,93 @@ def test_shared_step_uses_mean_gradient_and_members_their_own(n):
     for j in range(k):
         moved = not torch.equal(model.bn.members[j].running_mean, start.bn.members[j].running_mean)
         assert moved == (j < n)
+
+
+def test_sum_mode_moves_the_shared_weights_k_times_as_far_as_mean_mode():
+    """First cycle, plain SGD: the shared weights stay put within the cycle and every batch
+    meets a fresh member, so both modes see the same gradients g_1..g_K; "sum" steps by
+    -lr (g_1 + ... + g_K), "mean" by a K-th of that."""
+    k, lr = 4, 0.05
+    spec = LocalTrainSpec(steps=k, batch_size=5, lr=lr, momentum=0.0, weight_decay=0.0)
+    x, y = data(20, seed=3)
+    start = add_late_phase(build_model("cnn", SHAPE, 3, seed=6), k)
+    randomise_members(start, 13)
+    trained = {}
+    for mode in ("sum", "mean"):
+        trained[mode] = copy.deepcopy(start)
+        train_late_phase(trained[mode], x, y, spec, seed=21, late=True, shared_grad=mode)
+    # Independent gradients: autograd on a fresh copy of the starting model per batch.
+    batches = batch_order(len(x), spec.batch_size, spec, torch.Generator().manual_seed(21))
+    assert len(batches) == k
+    shared_names = [n for n in dict(start.named_parameters()) if ".members." not in n]
+    assert shared_names  # conv1, conv2, fc1: the check is not empty
+    total = {n: torch.zeros_like(p) for n, p in start.named_parameters() if n in shared_names}
+    for i, idx in enumerate(batches):
+        probe = copy.deepcopy(start).train()
+        set_active(probe, i)
+        nn.functional.cross_entropy(probe(x[idx]), y[idx]).backward()
+        for n, p in probe.named_parameters():
+            if n in total:
+                total[n] += p.grad
+    before = dict(start.named_parameters())
+    after = {mode: dict(model.named_parameters()) for mode, model in trained.items()}
+    for n in shared_names:
+        moved_sum = after["sum"][n] - before[n]
+        moved_mean = after["mean"][n] - before[n]
+        assert moved_sum.abs().max() > 0, n
+        assert torch.allclose(moved_sum, k * moved_mean, rtol=1e-4, atol=1e-7), n
+        assert torch.allclose(moved_sum, -lr * total[n], rtol=1e-4, atol=1e-7), n
+    # The members do not depend on the mode within the first cycle: bit for bit the same.
+    for n, value in trained["sum"].state_dict().items():
+        if ".members." in n:
+            assert torch.equal(value, trained["mean"].state_dict()[n]), n
+
+
+class ScalarShared(nn.Module):
+    """One shared scalar ``w`` in front of a two-class linear head: ``logits = W (w x) + b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.classifier = nn.Linear(1, 2)
+
+    def forward(self, x):
+        return self.classifier(self.w * x)
+
+
+@pytest.mark.parametrize("k, shared_grad, expected_w", [
+    (2, "sum", 3.0), (2, "mean", 1.5),
+    (3, "sum", 3.0), (3, "mean", 1.5),  # an incomplete cycle of 2 < K batches still steps
+])
+def test_scalar_shared_weight_worked_by_hand(k, shared_grad, expected_w):
+    """Worked by hand. Start at w = 0, so the logits are b = 0 and p = (1/2, 1/2) on every
+    batch of the cycle. Member j's head is W_j = (a_j, -a_j) with a_0 = 1, a_1 = 2. Both
+    batches are the one example x = 2 with label 0, so dL/dlogits = p - e_0 = (-1/2, 1/2) and
+    dL/dw = (-1/2) a_j x + (1/2)(-a_j) x = -a_j x: g_1 = -2 (member 0), g_2 = -4 (member 1).
+    With lr = 0.5: "sum" gives w = -0.5 (-6) = 3, "mean" w = -0.5 (-3) = 1.5. The heads'
+    weights get no gradient (their input w x is 0); member j's bias moves by
+    -lr (p - e_0) = (0.25, -0.25)."""
+    model = add_late_phase(ScalarShared(), k)
+    with torch.no_grad():
+        for j, member in enumerate(model.classifier.members):
+            member.weight.copy_(torch.tensor([[j + 1.0], [-(j + 1.0)]]))
+            member.bias.zero_()
+    x, y = torch.full((2, 1), 2.0), torch.zeros(2, dtype=torch.long)
+    spec = LocalTrainSpec(steps=2, batch_size=1, lr=0.5, momentum=0.0, weight_decay=0.0)
+    out = train_late_phase(model, x, y, spec, seed=0, late=True, shared_grad=shared_grad)
+    assert out["steps"] == 2 and out["shared_steps"] == 1
+    assert model.w.item() == pytest.approx(expected_w, abs=1e-6)
+    for j, member in enumerate(model.classifier.members):
+        assert torch.equal(member.weight, torch.tensor([[j + 1.0], [-(j + 1.0)]]))
+        bias = [0.25, -0.25] if j < 2 else [0.0, 0.0]
+        assert torch.allclose(member.bias, torch.tensor(bias), atol=1e-7), j
+
+
+def test_shared_grad_is_checked():
+    model = add_late_phase(ConvBNHead(), 2)
+    x, y = data(8)
+    with pytest.raises(ValueError, match="shared_grad"):
+        train_late_phase(model, x, y, SPEC, seed=0, late=True, shared_grad="average")
 
 
 # --- ensemble --------------------------------------------------------------------------------
@@ -392,3 +486,115 @@ def test_member_module_forward_uses_active_member():
     assert module(torch.ones(1, 2)).item() == 6.0
     assert list(module.state_dict()) == ["members.0.weight", "members.0.bias",
                                          "members.1.weight", "members.1.bias"]
+
+
+# --- members in federated learning -----------------------------------------------------------
+
+
+@pytest.fixture
+def identity():
+    """The server's task identity, which Flower's Message constructor reads (the Ray
+    simulation and fedwa.local_backend.run_in_process set it likewise)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def plain_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """What a server sends back: float entries averaged, counters taken from the first."""
+    return {n: torch.stack([s[n] for s in states]).mean(0) if v.is_floating_point() else v
+            for n, v in states[0].items()}
+
+
+@pytest.mark.parametrize("batch_clients", [False, True])
+@pytest.mark.parametrize("mode", ["local", "averaged"])
+def test_clients_keep_their_own_members_only_in_local_mode(identity, monkeypatch, mode,
+                                                           batch_clients):
+    """Two clients on different data, rounds 1 (early), 3 and 4 (late) of 4. In "local" mode a
+    client starts round 4 from its own round-3 members, bit for bit, and the received shared
+    weights; in "averaged" mode from the received model. Either way it replies with every
+    entry, and keeps nothing before the late phase."""
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    from fedwa import client_app
+    from fedwa.arrays import to_record, to_state_dict
+    from fedwa.config import resolve_config
+    from fedwa.grid import RUN_CONFIG_KEY
+    from fedwa.local_backend import InProcessGrid
+    from fedwa.task import federated_data, make_model
+
+    config = resolve_config({"dataset": "digits", "model": "cnn", "num-clients": 2,
+                             "num-server-rounds": 4, "late-phase-k": 2,
+                             "late-phase-start": 0.5, "late-phase-members": mode,
+                             "local-steps": 4, "batch-size": 16, "device": "cpu"})
+    grid = InProcessGrid(client_app.app, 2, run_config=config,
+                         train_many=client_app.train_many if batch_clients else None)
+    nodes = grid.get_node_ids()
+    pid = {node: int(grid.contexts[node].node_config["partition-id"]) for node in nodes}
+    starts: dict[int, dict[str, torch.Tensor]] = {}
+    run_train = client_app.run_train
+
+    def capture(job):
+        starts[job.pid] = {n: v.clone() for n, v in job.model.state_dict().items()}
+        return run_train(job)
+
+    monkeypatch.setattr(client_app, "run_train", capture)
+
+    def train_round(server_round: int, state: dict[str, torch.Tensor]
+                    ) -> dict[int, dict[str, torch.Tensor]]:
+        content = RecordDict({"arrays": to_record(state),
+                              "config": ConfigRecord({"server-round": server_round}),
+                              RUN_CONFIG_KEY: ConfigRecord(config)})
+        messages = [grid.create_message(content, MessageType.TRAIN, node, str(server_round))
+                    for node in nodes]
+        replies = grid.send_and_receive(messages)
+        errors = [r.error for r in replies if r.has_error()]
+        assert not errors, errors
+        return {pid[r.metadata.src_node_id]: dict(to_state_dict(r.content["arrays"]))
+                for r in replies}
+
+    def kept(node: int) -> dict[str, torch.Tensor] | None:
+        state = grid.contexts[node].state
+        key = client_app.LATE_PHASE_MEMBERS_KEY
+        return dict(to_state_dict(state[key])) if key in state else None
+
+    initial = make_model(config, federated_data(config)).state_dict()
+    keys = list(initial)
+    members = [n for n in keys if ".members." in n]
+    shared = [n for n in keys if ".members." not in n]
+    assert members and shared
+
+    early = train_round(1, initial)  # progress 0 < 0.5: members stay copies, nothing kept
+    assert all(list(reply) == keys for reply in early.values())
+    assert all(kept(node) is None for node in nodes)
+
+    received3 = plain_average(list(early.values()))
+    late = train_round(3, received3)  # progress 0.5: the first late-phase round
+    for node in nodes:
+        assert list(late[pid[node]]) == keys  # the reply still carries every entry
+        if mode == "averaged":
+            assert kept(node) is None
+        else:
+            own = kept(node)
+            assert list(own) == members
+            for n in members:
+                assert torch.equal(own[n], late[pid[node]][n]), n
+    # The two clients really trained apart, so "own" and "average" can be told apart.
+    assert any(not torch.equal(late[0][n], late[1][n]) for n in members)
+
+    received4 = plain_average(list(late.values()))
+    train_round(4, received4)
+    for p in (0, 1):
+        start = starts[p]
+        for n in shared:
+            assert torch.equal(start[n], received4[n]), n
+        for n in members:
+            expected = late[p][n] if mode == "local" else received4[n]
+            assert torch.equal(start[n], expected), n
+        if mode == "local":
+            assert any(not torch.equal(start[n], received4[n]) for n in members
+                       if start[n].is_floating_point())

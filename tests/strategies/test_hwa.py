@@ -64,7 +64,8 @@ def values(arrays: ArrayRecord) -> tuple[list[float], int]:
 
 def hwa(**overrides) -> HWA:
     config = resolve_config({"strategy": "hwa", "num-clients": 2, "hwa-window": 2,
-                             "hwa-sync-steps": 7, **overrides})
+                             "num-server-rounds": 3, "local-steps": 21, "hwa-sync-steps": 7,
+                             **overrides})
     strategy = build_strategy(config)
     assert type(strategy) is HWA
     return strategy
@@ -82,11 +83,56 @@ def test_sync_steps_go_into_every_train_message():
     assert values(s.sent_arrays) == ([0.0, 0.0], 0)
 
 
+def test_sync_period_at_a_fixed_total_of_local_steps():
+    # 3 rounds x 21 local steps = 63 steps per client; H = 7 -> 63 / 7 = 9 syncs of 7 steps:
+    # three times as many averages for the same local compute.
+    s = hwa()
+    assert s.total_rounds() == 9
+    assert sum(s.lengths) == 3 * 21
+    for r in (1, 5, 9):
+        (m, *_) = s.configure_train(r, record(*SENT), ConfigRecord({}), FakeGrid([1, 2]))
+        config = m.content["config"]
+        assert config["local-steps"] == 7
+        # the lr schedule follows the budget: sync r covers steps 7 (r - 1) .. 7 r of 63
+        assert config["progress-start"] == pytest.approx(7 * (r - 1) / 63)
+        assert config["progress-end"] == pytest.approx(7 * r / 63)
+
+
+def test_last_sync_takes_the_remainder():
+    # 5 rounds x 5 steps = 25 steps; H = 10 -> syncs of 10, 10 and 5 steps
+    s = hwa(**{"num-server-rounds": 5, "local-steps": 5, "hwa-sync-steps": 10})
+    assert s.lengths == [10, 10, 5] and s.total_rounds() == 3
+    (m, *_) = s.configure_train(3, record(*SENT), ConfigRecord({}), FakeGrid([1, 2]))
+    config = m.content["config"]
+    assert config["local-steps"] == 5
+    assert (config["progress-start"], config["progress-end"]) == (0.8, 1.0)
+
+
+def test_sync_steps_need_a_step_budget():
+    from fedwa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hwa-sync-steps") as info:
+        hwa(**{"local-steps": 0})
+    assert "local-steps" in info.value.allowed
+
+
+def test_sync_lengths_by_hand():
+    from strategies.hwa import sync_lengths
+
+    assert sync_lengths(30, 10) == [10, 10, 10]
+    assert sync_lengths(25, 10) == [10, 10, 5]
+    assert sync_lengths(3, 10) == [3]
+    with pytest.raises(ValueError):
+        sync_lengths(0, 10)
+
+
 def test_sync_steps_zero_leaves_the_local_budget_alone():
     s = hwa(**{"hwa-sync-steps": 0})
+    assert s.total_rounds() == 3
     messages = list(s.configure_train(1, record(*SENT), ConfigRecord({}), FakeGrid([1, 2])))
     assert len(messages) == 2
     assert all("local-steps" not in m.content["config"] for m in messages)
+    assert all("progress-start" not in m.content["config"] for m in messages)
 
 
 def test_window_average_of_the_last_two_aggregates():

@@ -207,7 +207,6 @@ def test_without_ema_only_the_global_model_is_evaluated():
 
 def test_ema_of_the_episode_averages():
     s = imwa(**{"imwa-ema-decay": 0.5})
-    assert IMWA.recompute_bn == {"ema"}
     assert list(s.models_to_evaluate(0, record([0.0, 0.0]))) == ["global"]
     # episode averages (equal weights): ([2, 0] + [4, 2]) / 2 = [3, 1]
     #                                   ([0, 0] + [2, 2]) / 2 = [1, 1]
@@ -235,3 +234,34 @@ def test_ema_state_dict_round_trip():
     for strategy in (s, restored):
         arrays = run_round(strategy, 3, [6.0, 4.0], [2.0, 0.0])
         assert w(strategy.models_to_evaluate(3, arrays)["ema"]) == [3.0, 1.5]
+
+
+# --- the weights of the average and BatchNorm --------------------------------------------------
+
+
+def test_uniform_average_is_the_default_as_in_the_paper():
+    # Clients with 1 and 3 examples, models [2, 0] and [6, 4]:
+    #   uniform (the paper's mean of the K models): ([2, 0] + [6, 4]) / 2 = [4, 2]
+    #   by examples (FedAvg's):       (1 [2, 0] + 3 [6, 4]) / 4 = [20, 12] / 4 = [5, 3]
+    s = imwa()
+    assert s.weighting == "uniform"
+    s.sent_arrays = record([0.0, 0.0])
+    replies = [reply(31, [2.0, 0.0], examples=1, pid=0), reply(32, [6.0, 4.0], examples=3, pid=1)]
+    arrays, _ = s.aggregate_train(1, replies)
+    assert w(arrays) == [4.0, 2.0]
+    s = imwa(**{"imwa-weighting": "examples"})
+    s.sent_arrays = record([0.0, 0.0])
+    arrays, _ = s.aggregate_train(1, replies)
+    assert w(arrays) == [5.0, 3.0]
+
+
+def test_bn_statistics_of_the_averages_are_recomputed_by_default():
+    # The evaluator recomputes BatchNorm statistics of the models named in recompute_bn: the
+    # episode average ("global") and its EMA, unless imwa-bn = average.
+    assert imwa().recompute_bn == {"global", "ema"}
+    assert imwa(**{"imwa-bn": "average"}).recompute_bn == frozenset()
+
+
+def test_bad_weighting_is_a_config_error():
+    with pytest.raises(ConfigError, match="imwa-weighting"):
+        imwa(**{"imwa-weighting": "median"})

@@ -2,7 +2,12 @@
 
 Client replies are the run's real MLP (digits) with a few entries moved, so the candidates'
 difference lies along ``classifier.bias`` only and every step can be worked out by hand.
+Tests of those hand-worked steps run fedwa's earlier settings (``EARLIER``: centred basis, lr
+0.05, constant schedule, no weight decay), spelled out; the reference defaults have tests of
+their own.
 """
+
+import math
 
 import numpy as np
 import pytest
@@ -12,11 +17,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 import fedwa.task
 from fedwa.config import resolve_config
 from fedwa.errors import ConfigError
+from fedwa.twa import flatten
 from strategies import TWAt, TWAv, build_strategy
 from strategies.twa import GRADIENT_ACTION
 
 BASE_CONFIG = {"strategy": "twa-t", "dataset": "digits", "model": "mlp",
                "num-server-rounds": 4, "twa-rounds": 3}
+# fedwa's TWA before the reference defaults: the affine hull, projected momentum SGD at a
+# constant 0.05, no weight decay.
+EARLIER = {"twa-basis": "centred", "twa-lr": 0.05, "twa-schedule": "constant",
+           "twa-weight-decay": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +184,7 @@ def test_twa_rounds_are_plain_training_until_the_last_training_round(data):
 
 
 def test_training_rounds_build_the_subspace_and_return_the_centre(data):
-    s = twa_t()
+    s = twa_t(**{"twa-basis": "centred"})
     base = base_state(data)
     for r in (1, 2):
         arrays = train_round(s, base, r)
@@ -211,8 +221,8 @@ def test_training_rounds_build_the_subspace_and_return_the_centre(data):
 # --- gradient rounds ---------------------------------------------------------------------------
 
 
-def trained_through_round_4(data):
-    s = twa_t()
+def trained_through_round_4(data, **overrides):
+    s = twa_t(**{**EARLIER, **overrides})
     base = base_state(data)
     point = None
     for r in (1, 2, 3, 4):
@@ -270,7 +280,7 @@ def test_second_gradient_step_uses_momentum(data):
 def test_state_dict_round_trip_continues_identically(data):
     s, base, point = trained_through_round_4(data)
     point = gradient_round(s, 5, point, base)
-    restored = twa_t()
+    restored = twa_t(**EARLIER)
     restored.load_state_dict(s.state_dict())
     assert restored.subspace.dim == 1
     for strategy in (s, restored):
@@ -284,7 +294,7 @@ def test_state_dict_round_trip_continues_identically(data):
 
 
 def test_centre_takes_buffers_from_the_last_global(data):
-    s = twa_t(model="cnn")
+    s = twa_t(model="cnn", **{"twa-basis": "centred"})
     base = base_state(data, "cnn")
     assert "bn1.running_mean" in base and "bn1.num_batches_tracked" in base
     sent = ArrayRecord(base)
@@ -348,3 +358,198 @@ def test_start_round_after_training_is_a_config_error(strategy):
     with pytest.raises(ConfigError, match="twa-start-round") as info:
         build_strategy(config)
     assert info.value.key == "twa-start-round"
+
+
+# --- the reference defaults ----------------------------------------------------------------------
+
+
+def round_changes(server_round: int) -> dict[str, torch.Tensor]:
+    """What the aggregate of ``train_round`` adds to the base in that round (3 or 4)."""
+    fc2 = torch.zeros(128)
+    fc2[0] = 0.5
+    return {"classifier.bias": SHIFTS[server_round], "fc2.bias": fc2}
+
+
+STATE_NAMES = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "classifier.weight",
+               "classifier.bias"]  # the MLP's learnable parameters, in flattening order
+
+
+def flatten_state(arrays: ArrayRecord) -> torch.Tensor:
+    return flatten(arrays.to_torch_state_dict(), STATE_NAMES)
+
+
+def test_defaults_are_the_reference():
+    # The authors' main branch: uncentred basis, SGD with lr 2, momentum 0.9, weight decay
+    # 1e-5, step schedule; TWA-v: 10 epochs of batches of 128 with BatchNorm in train mode.
+    t = twa_t()
+    v = build_strategy(resolve_config({"strategy": "twa-v", "dataset": "digits",
+                                       "model": "mlp", "server-val-fraction": 0.2}))
+    for s in (t, v):
+        assert (s.basis, s.optimizer_name, s.lr, s.momentum, s.weight_decay, s.schedule) == (
+            "uncentred", "sgd", 2.0, 0.9, 1e-5, "step")
+    assert (v.epochs, v.batch_size, v.bn_mode) == (10, 128, "train")
+    # The journal's optimiser: AdamW at 1e-3 with the cosine schedule; an explicit rate wins.
+    adamw = twa_t(**{"twa-optimizer": "adamw"})
+    assert (adamw.lr, adamw.schedule) == (1e-3, "cosine")
+    assert twa_t(**{"twa-optimizer": "adamw", "twa-lr": 0.3}).lr == 0.3
+    assert twa_t(**{"twa-schedule": "constant"}).schedule == "constant"
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("twa-optimizer", "adam", "one of sgd, adamw"),
+    ("twa-lr", -1.0, "0 (the reference's rate) or a number > 0"),
+    ("twa-basis", "affine", "one of uncentred, centred"),
+    ("twa-schedule", "linear", "one of auto, step, cosine, constant"),
+    ("twa-weight-decay", -0.1, "a number >= 0"),
+])
+def test_bad_twa_settings_are_config_errors(key, value, allowed):
+    with pytest.raises(ConfigError) as info:
+        resolve_config({**BASE_CONFIG, key: value})
+    assert info.value.key == key and str(info.value).endswith(f"not allowed: {allowed}")
+
+
+def test_bn_mode_is_a_twa_v_key():
+    # TWA-t's clients compute their gradients in the ClientApp, BatchNorm in train mode.
+    resolve_config({"strategy": "twa-v", "twa-bn-mode": "eval", "server-val-fraction": 0.2})
+    with pytest.raises(ConfigError, match="twa-bn-mode belongs to another one"):
+        resolve_config({**BASE_CONFIG, "twa-bn-mode": "eval"})
+
+
+def test_uncentred_subspace_of_two_candidates_has_two_directions(data):
+    s = twa_t()
+    base = base_state(data)
+    for r in (1, 2, 3, 4):
+        arrays = train_round(s, base, r)
+    # Rounds 3 and 4 are linearly independent: their span has 2 directions (the affine hull
+    # 1), and it holds both candidates and the same centre.
+    assert s.subspace.dim == 2
+    assert_arrays_close(arrays, expected_centre(base), atol=1e-6)
+    p = s.subspace.basis
+    for candidate in (s.subspace.centre, flatten_state(moved(base, round_changes(3))),
+                      flatten_state(moved(base, round_changes(4)))):
+        torch.testing.assert_close(p.T @ (p @ candidate), candidate, rtol=0, atol=1e-5)
+
+
+def test_default_first_gradient_step_projects_onto_the_span_with_weight_decay(data):
+    s = twa_t()
+    base = base_state(data)
+    point = None
+    for r in (1, 2, 3, 4):
+        point = train_round(s, base, r)
+    assert s.names == STATE_NAMES
+    arrays = gradient_round(s, 5, point, base)
+    # One SGD step from the centre c at lr 2 with coupled decay 1e-5 (first factor of the step
+    # schedule: 1): w1 = c - 2 Proj (g + 1e-5 c), Proj the orthogonal projector onto
+    # span{w3, w4}, computed here independently by least squares in float64.
+    w3 = flatten_state(moved(base, round_changes(3))).double()
+    w4 = flatten_state(moved(base, round_changes(4))).double()
+    a = torch.stack([w3, w4], dim=1)
+    c = (w3 + w4) / 2
+    g = flatten_state(ArrayRecord(gradient(base, 2.0))).double()  # the mean gradient, 2 g
+    d = g + 1e-5 * c
+    projected = a @ torch.linalg.lstsq(a, d[:, None]).solution[:, 0]
+    expected = c - 2.0 * projected
+    torch.testing.assert_close(flatten_state(arrays).double(), expected, rtol=0, atol=1e-4)
+    # The span holds the scale direction c: unlike the centred step, where nothing but
+    # classifier.bias moves, every weight moves along c.
+    moved_fc1 = arrays.to_torch_state_dict()["fc1.weight"] - base["fc1.weight"]
+    assert moved_fc1.abs().max() > 1e-3
+
+
+def test_step_schedule_runs_over_the_gradient_rounds_and_survives_resume(data):
+    # twa-rounds 3, one step each: milestones int(1.5) = 1, int(3.15) = 3, factors 1, 0.1,
+    # 0.1. With the EARLIER settings otherwise (lr 0.05, P^T P g = 9 on classifier.bias):
+    #   round 5: v1 = Pg,       x1 = -0.05 Pg             -> -0.45
+    #   round 6: v2 = 1.9 Pg,   x2 = x1 - 0.005 * 1.9 Pg  -> -0.45 - 0.0855 = -0.5355
+    #   round 7: v3 = 2.71 Pg,  x3 = x2 - 0.005 * 2.71 Pg -> -0.5355 - 0.12195 = -0.65745
+    s, base, point = trained_through_round_4(data, **{"twa-schedule": "step"})
+    point = gradient_round(s, 5, point, base)
+    restored = twa_t(**{**EARLIER, "twa-schedule": "step"})
+    restored.load_state_dict(s.state_dict())
+    assert restored.optimizer.steps == 1
+    for strategy in (s, restored):
+        current = point
+        for r, move in ((6, 0.5355), (7, 0.65745)):
+            current = gradient_round(strategy, r, current, base)
+            expected = expected_centre(base)
+            expected["classifier.bias"] -= move
+            assert_arrays_close(current, expected, atol=1e-5)
+
+
+def test_adamw_gradient_rounds_move_lr_per_round_and_resume(data):
+    # AdamW on the single coefficient; the projected mean gradient is u . g = +-90 / sqrt(10)
+    # every round. With a constant gradient every bias-corrected step is lr * sign, so the
+    # coefficient moves by -0.05 sign(u . g) per round and classifier.bias (u = +-1/sqrt(10)
+    # on its entries) by -0.05 / sqrt(10) = -0.0158114 per round, round 6 included after a
+    # resume: that needs the step count (with step 1 again the bias correction would give
+    # 1.9 / sqrt(1.999) = 1.34 times the move).
+    settings = {"twa-optimizer": "adamw"}
+    s, base, point = trained_through_round_4(data, **settings)
+    point = gradient_round(s, 5, point, base)
+    expected = expected_centre(base)
+    expected["classifier.bias"] -= 0.05 / math.sqrt(10)
+    assert_arrays_close(point, expected, atol=1e-6)
+    restored = twa_t(**{**EARLIER, **settings})
+    restored.load_state_dict(s.state_dict())
+    assert restored.optimizer.steps == 1
+    for strategy in (s, restored):
+        arrays = gradient_round(strategy, 6, point, base)
+        expected = expected_centre(base)
+        expected["classifier.bias"] -= 2 * 0.05 / math.sqrt(10)
+        assert_arrays_close(arrays, expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def val_data():
+    return fedwa.task.federated_data(resolve_config(
+        {"strategy": "twa-v", "dataset": "digits", "model": "cnn",
+         "server-val-fraction": 0.2}))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_twa_v_fit_uses_the_settings_and_recomputes_bn_first_only_in_eval_mode(
+        monkeypatch, val_data, mode):
+    import fedwa.bn
+    import fedwa.twa
+
+    monkeypatch.setattr(fedwa.task, "federated_data", lambda config: val_data)
+    fits, recomputed = [], []
+    real_fit, real_recompute = fedwa.twa.fit_on_data, fedwa.bn.recompute_bn
+
+    def spy_fit(*args, **kwargs):
+        fits.append(kwargs)
+        return real_fit(*args, **kwargs)
+
+    def spy_recompute(model, x, **kwargs):
+        recomputed.append(len(x))
+        return real_recompute(model, x, **kwargs)
+
+    monkeypatch.setattr(fedwa.twa, "fit_on_data", spy_fit)
+    monkeypatch.setattr(fedwa.bn, "recompute_bn", spy_recompute)
+    s = build_strategy(resolve_config({
+        "strategy": "twa-v", "dataset": "digits", "model": "cnn", "num-server-rounds": 4,
+        "server-val-fraction": 0.2, "twa-epochs": 2, "twa-bn-mode": mode}))
+    base = base_state(val_data, "cnn")
+    sent = ArrayRecord(base)
+    for r, shift in ((1, 0.0), (2, 0.0), (3, 0.25), (4, -0.05)):
+        s.sent_arrays = sent
+        replies = [reply_to(instruction(node, sent, r),
+                            moved(base, {"classifier.bias": shift + sign * 0.125}),
+                            examples=1, pid=node - 1) for node, sign in ((1, 1), (2, -1))]
+        arrays, _ = s.aggregate_train(r, replies)
+    assert len(fits) == 1
+    assert {k: fits[0][k] for k in ("epochs", "batch_size", "optimizer", "lr", "momentum",
+                                    "weight_decay", "schedule", "bn_mode")} == {
+        "epochs": 2, "batch_size": 128, "optimizer": "sgd", "lr": 2.0, "momentum": 0.9,
+        "weight_decay": 1e-5, "schedule": "step", "bn_mode": mode}
+    # The pre-fit recomputation at the centre only matters when the fit reads the running
+    # statistics.
+    assert recomputed == ([len(val_data.server_val()[0])] if mode == "eval" else [])
+    models = s.models_to_evaluate(4, arrays)
+    assert list(models) == ["twa", "swa", "global"]
+    assert {"twa", "swa"} <= s.recompute_bn  # the server recomputes BN before evaluating
+    twa_state = models["twa"].to_torch_state_dict()
+    # Buffers: the last global model's, not what the fit left behind.
+    assert torch.equal(twa_state["bn1.running_mean"], base["bn1.running_mean"])
+    assert not torch.equal(twa_state["classifier.bias"],
+                           models["swa"].to_torch_state_dict()["classifier.bias"])
