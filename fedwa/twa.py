@@ -14,7 +14,8 @@ besides ``c`` and ``P``.
 
 Basis (:meth:`Subspace.from_candidates`)
 ----------------------------------------
-``"uncentred"`` (fedwa's default; the conference version, the authors' ``main`` branch):
+``"uncentred"`` (the conference version, the authors' ``main`` branch; this function's
+default, while the TWA strategies default to the journal's ``"centred"``):
 ``P`` spans ``{w_i}`` themselves, ``k <= n``. Their span contains the centre, so ``w(x)`` is
 any *linear* combination of the candidates, and the weights' overall scale is one of the
 directions: weight decay (a pull towards zero weights) then acts within the subspace, as in
@@ -33,7 +34,8 @@ of orthonormalising them; fedwa keeps one orthonormal float32 ``P`` for both.
 
 Optimiser and schedule (:class:`SubspaceOptimizer`)
 ----------------------------------------------------
-``"sgd"`` (default, ``main`` branch): heavy-ball momentum 0.9, learning rate 2, coupled L2
+``"sgd"`` (``main`` branch; the functions' default here, while the TWA strategies default to
+the journal's ``"adamw"``): heavy-ball momentum 0.9, learning rate 2, coupled L2
 weight decay ``1e-5`` on the weights ``w`` (not on ``x``), step schedule x0.1 at 50% and 75%
 of the fit. ``"adamw"`` (journal): AdamW on the coefficients, learning rate ``1e-3``, cosine
 schedule after a linear warmup over the first 20% of the steps. :data:`REFERENCE_LR` holds

@@ -16,10 +16,11 @@ Rows and their baselines (same seed, paired):
 
 - MWA / IMWA (Dirichlet and replicas) with the paper's uniform average and BN recomputed,
   and MWA with the earlier example-weighted average and averaged BN buffers;
-- TWA-v with the authors' budget (main branch: SGD lr 2, 10 epochs) and with fedwa's
-  earlier budget (lr 0.05, 3 epochs, centred basis, BN in eval mode); TWA-t with 10 training
-  rounds + the reference's 10 gradient rounds; the early-training claim: TWA-v after half the
-  rounds against FedAvg after all of them;
+- TWA-v with the authors' journal recipe (the default: AdamW lr 1e-3, cosine, 10 epochs),
+  with the conference code's (main branch: SGD lr 2, step schedule, uncentred basis) and with
+  fedwa's earlier budget (SGD lr 0.05, 3 epochs, centred basis, BN in eval mode); TWA-t with
+  10 training rounds + the reference's 10 gradient rounds, journal and main recipes; the
+  early-training claim: TWA-v after half the rounds against FedAvg after all of them;
 - HWA where it differs from SWA: an online period of a third of a round (more rounds of fewer
   steps at the same total of local steps) and a window of 6 synchronisations, shorter than
   SWA's span of half the run; short and long;
@@ -61,8 +62,11 @@ FMNIST = {"dataset": "fashion-mnist", "model": "cnn", "imbalance-ratio": 100.0,
           "lr": 0.05, "lr-schedule": "cosine", "server-val-fraction": 0.1}
 FMNIST_STEPS = 21  # ~ one epoch of a client's share of the 13.4k-image pool at batch 64
 
-EARLIER_TWA = {"twa-basis": "centred", "twa-lr": 0.05, "twa-epochs": 3, "twa-batch-size": 64,
-               "twa-schedule": "constant", "twa-weight-decay": 0.0, "twa-bn-mode": "eval"}
+EARLIER_TWA = {"twa-optimizer": "sgd", "twa-basis": "centred", "twa-lr": 0.05, "twa-epochs": 3,
+               "twa-batch-size": 64, "twa-schedule": "constant", "twa-weight-decay": 0.0,
+               "twa-bn-mode": "eval"}
+# The authors' conference code (main branch): SGD at lr 2 with the step schedule.
+MAIN_TWA = {"twa-optimizer": "sgd", "twa-basis": "uncentred", "twa-weight-decay": 1e-5}
 LATE = {"late-phase-k": 4, "late-phase-start": 0.6}
 REPLICAS = {"partition": "replicas", "num-clients": 3, "num-server-rounds": 4}
 
@@ -88,6 +92,8 @@ def runs(suite: str) -> dict[str, dict[str, Any]]:
         "twa-v-earlier": {"strategy": "twa-v", **EARLIER_TWA},
         "twa-t": {"strategy": "twa-t", "twa-rounds": 10},
         "twa-v-half": {"strategy": "twa-v", "num-server-rounds": SHORT // 2},
+        "twa-v-main": {"strategy": "twa-v", **MAIN_TWA},
+        "twa-t-main": {"strategy": "twa-t", "twa-rounds": 10, **MAIN_TWA},
         "swa-steps": {"strategy": "swa", **by_steps},
         "hwa-steps": hwa,
         "fedavg-late": {"strategy": "fedavg", **LATE},
@@ -120,7 +126,7 @@ def runs(suite: str) -> dict[str, dict[str, Any]]:
                 plan[name] = {**plan[name], **client}
         plan["swa-rho10"] = {"strategy": "swa", **client}
         for name in ("twa-v-earlier", "fedavg-late-mean", "fedavg-was-uniform-dom",
-                     "fedavg-was-earlier", "twa-v-half"):
+                     "fedavg-was-earlier", "twa-v-half", "twa-t-main"):
             del plan[name]
     return {name: {**base, **overrides} for name, overrides in plan.items()}
 
@@ -136,11 +142,13 @@ ROWS = [
     ("MWA, replicas (3 clients)", "mwa-replicas", "", None, None),
     ("IMWA, 4 episodes, replicas", "imwa-replicas", "", "mwa-replicas", ""),
     ("SWA (second half)", "swa", "", "swa", "global_"),
-    ("TWA-v (authors' budget)", "twa-v", "", "twa-v", "swa_"),
-    ("TWA-v (authors' budget) vs FedAvg", "twa-v", "", "swa", "global_"),
+    ("TWA-v (journal: AdamW)", "twa-v", "", "twa-v", "swa_"),
+    ("TWA-v (journal: AdamW) vs FedAvg", "twa-v", "", "swa", "global_"),
+    ("TWA-v (main branch: SGD lr 2)", "twa-v-main", "", "twa-v-main", "swa_"),
     ("TWA-v (earlier budget)", "twa-v-earlier", "", "twa-v-earlier", "swa_"),
-    ("TWA-t (10 rounds + 10 gradient rounds)", "twa-t", "", "twa-t", "swa_"),
+    ("TWA-t (10 rounds + 10 gradient rounds, AdamW)", "twa-t", "", "twa-t", "swa_"),
     ("TWA-t vs FedAvg", "twa-t", "", "swa", "global_"),
+    ("TWA-t (main branch: SGD lr 2)", "twa-t-main", "", "twa-t-main", "swa_"),
     ("TWA-v after half the rounds vs FedAvg after all", "twa-v-half", "", "swa", "global_"),
     ("FedAvg after half the rounds", "twa-v-half", "global_", "swa", "global_"),
     ("FedAvg, local steps", "swa-steps", "global_", None, None),

@@ -25,8 +25,11 @@ BASE_CONFIG = {"strategy": "twa-t", "dataset": "digits", "model": "mlp",
                "num-server-rounds": 4, "twa-rounds": 3}
 # fedwa's TWA before the reference defaults: the affine hull, projected momentum SGD at a
 # constant 0.05, no weight decay.
-EARLIER = {"twa-basis": "centred", "twa-lr": 0.05, "twa-schedule": "constant",
-           "twa-weight-decay": 0.0}
+EARLIER = {"twa-optimizer": "sgd", "twa-basis": "centred", "twa-lr": 0.05,
+           "twa-schedule": "constant", "twa-weight-decay": 0.0}
+# The authors' main branch (conference version): SGD at lr 2 with the step schedule, weight
+# decay 1e-5 on the weights, the uncentred basis. The strategies default to the journal's.
+MAIN = {"twa-optimizer": "sgd", "twa-basis": "uncentred", "twa-weight-decay": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -379,18 +382,20 @@ def flatten_state(arrays: ArrayRecord) -> torch.Tensor:
 
 
 def test_defaults_are_the_reference():
-    # The authors' main branch: uncentred basis, SGD with lr 2, momentum 0.9, weight decay
-    # 1e-5, step schedule; TWA-v: 10 epochs of batches of 128 with BatchNorm in train mode.
+    # TWA-v/TWA-t are the journal's variants: its centred basis, AdamW at lr 1e-3 with the
+    # cosine schedule and no weight decay; TWA-v: 10 epochs of batches of 128 with BatchNorm
+    # in train mode.
     t = twa_t()
     v = build_strategy(resolve_config({"strategy": "twa-v", "dataset": "digits",
                                        "model": "mlp", "server-val-fraction": 0.2}))
     for s in (t, v):
-        assert (s.basis, s.optimizer_name, s.lr, s.momentum, s.weight_decay, s.schedule) == (
-            "uncentred", "sgd", 2.0, 0.9, 1e-5, "step")
+        assert (s.basis, s.optimizer_name, s.lr, s.weight_decay, s.schedule) == (
+            "centred", "adamw", 1e-3, 0.0, "cosine")
     assert (v.epochs, v.batch_size, v.bn_mode) == (10, 128, "train")
-    # The journal's optimiser: AdamW at 1e-3 with the cosine schedule; an explicit rate wins.
-    adamw = twa_t(**{"twa-optimizer": "adamw"})
-    assert (adamw.lr, adamw.schedule) == (1e-3, "cosine")
+    # The main branch's optimiser: SGD at lr 2, momentum 0.9, the step schedule; an explicit
+    # rate wins.
+    sgd = twa_t(**{"twa-optimizer": "sgd"})
+    assert (sgd.lr, sgd.momentum, sgd.schedule) == (2.0, 0.9, "step")
     assert twa_t(**{"twa-optimizer": "adamw", "twa-lr": 0.3}).lr == 0.3
     assert twa_t(**{"twa-schedule": "constant"}).schedule == "constant"
 
@@ -416,7 +421,7 @@ def test_bn_mode_is_a_twa_v_key():
 
 
 def test_uncentred_subspace_of_two_candidates_has_two_directions(data):
-    s = twa_t()
+    s = twa_t(**MAIN)
     base = base_state(data)
     for r in (1, 2, 3, 4):
         arrays = train_round(s, base, r)
@@ -430,8 +435,8 @@ def test_uncentred_subspace_of_two_candidates_has_two_directions(data):
         torch.testing.assert_close(p.T @ (p @ candidate), candidate, rtol=0, atol=1e-5)
 
 
-def test_default_first_gradient_step_projects_onto_the_span_with_weight_decay(data):
-    s = twa_t()
+def test_main_branch_first_gradient_step_projects_onto_the_span_with_weight_decay(data):
+    s = twa_t(**MAIN)
     base = base_state(data)
     point = None
     for r in (1, 2, 3, 4):
@@ -528,7 +533,7 @@ def test_twa_v_fit_uses_the_settings_and_recomputes_bn_first_only_in_eval_mode(
     monkeypatch.setattr(fedwa.bn, "recompute_bn", spy_recompute)
     s = build_strategy(resolve_config({
         "strategy": "twa-v", "dataset": "digits", "model": "cnn", "num-server-rounds": 4,
-        "server-val-fraction": 0.2, "twa-epochs": 2, "twa-bn-mode": mode}))
+        "server-val-fraction": 0.2, "twa-epochs": 2, "twa-bn-mode": mode, **MAIN}))
     base = base_state(val_data, "cnn")
     sent = ArrayRecord(base)
     for r, shift in ((1, 0.0), (2, 0.0), (3, 0.25), (4, -0.05)):
