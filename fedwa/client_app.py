@@ -27,6 +27,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedwa import partial
 from fedwa.arrays import record_entries, record_named, to_record, to_state_dict
 from fedwa.batched import can_batch, train_batched
 from fedwa.bn import bn_moments
@@ -111,9 +112,8 @@ def _starting_model(config: dict[str, Any], data, received: ArrayRecord,  # noqa
     model = make_model(config, data)
     if round_config.get("keep-local-model"):
         _load_kept_model(model, context)
-        state = model.state_dict()
-        state.update(to_state_dict(received))
-        model.load_state_dict(state)
+        # Whole entries or rows "<entry>[a:b]" of them (fedwa.partial): only those change.
+        model.load_state_dict(partial.merge(model.state_dict(), to_state_dict(received)))
     else:
         model.load_state_dict(to_state_dict(received))
     return model
@@ -243,7 +243,7 @@ def train_reply(job: TrainJob, stats: dict[str, float]) -> Message:
         job.context.state[LATE_PHASE_MEMBERS_KEY] = to_record(member_state(state))
     names = round_config.get("return-names") or list(job.message.content["arrays"].keys())
     metrics["seconds"] = time.perf_counter() - job.started
-    return Message(RecordDict({"arrays": to_record({n: state[n] for n in names}),
+    return Message(RecordDict({"arrays": to_record(partial.select(state, names)),
                                "metrics": MetricRecord(metrics)}), reply_to=job.message)
 
 
@@ -349,7 +349,8 @@ def evaluate_held_out(message: Message, context: Context) -> Message:
 def merge(message: Message, context: Context) -> Message:
     """Decentralized round (DIMAT, gossip): merge the neighbours' models into this node's own,
     aligned first for DIMAT, then train; the node keeps its model in ``context.state``."""
-    from fedwa.decentralized import merge_and_train, neighbour_key, stratified_subset
+    from fedwa.decentralized import (alignment_examples, merge_and_train, neighbour_key,
+                                     stratified_subset)
 
     started = time.perf_counter()
     config, device, pid, data = _local_data(message, context)
@@ -381,7 +382,8 @@ def merge(message: Message, context: Context) -> Message:
                             local_train_spec(config, round_config), seed=seed,
                             make_model=node_model, device=device,
                             bn_batch_size=int(config["eval-batch-size"]),
-                            evaluate_merged=evaluate_merged)
+                            evaluate_merged=evaluate_merged,
+                            align_x=alignment_examples(round_config, data, x))
     if device.type != "cpu":
         own.to("cpu")
     state = own.state_dict()

@@ -154,8 +154,16 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("batch-size", 32, "Local minibatch size.", check=at_least(1)),
     Key("lr", 0.05, "Client learning rate.", check=positive),
     Key("lr-schedule", "constant", "Client lr over server rounds.", choices=("constant", "cosine")),
-    Key("momentum", 0.9, "SGD momentum.", check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
-    Key("weight-decay", 5e-4, "SGD weight decay.", check=at_least(0)),
+    Key("optimizer", "sgd", "Local-training optimiser of every strategy, created fresh every "
+        "round: SGD (lr, momentum, weight-decay as L2), Adam (lr, weight-decay as L2) or AdamW "
+        "(lr, decoupled weight-decay); Adam/AdamW use torch's default betas and eps and no "
+        "momentum. sgd only with late-phase-k > 1; with batch-clients, adam/adamw clients train "
+        "one by one.",
+        choices=("sgd", "adam", "adamw")),
+    Key("momentum", 0.9, "SGD momentum (optimizer = sgd only).",
+        check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
+    Key("weight-decay", 5e-4, "Weight decay of the local optimiser (L2 for sgd and adam, "
+        "decoupled for adamw).", check=at_least(0)),
     Key("late-phase-k", 1, "Late-phase weights: members of every BN layer and the head "
         "(1 = off).", check=at_least(1)),
     Key("late-phase-start", 0.6, "Late-phase weights: fraction of the run after which the "
@@ -306,6 +314,9 @@ def _check_together(config: Mapping[str, Scalar]) -> None:
         raise ConfigError("late-phase-k", config["late-phase-k"],
                           f"1 with strategy {config['strategy']}: late-phase training has no "
                           "proximal or scope term")
+    if config["optimizer"] != "sgd" and config["late-phase-k"] > 1:
+        raise ConfigError("optimizer", config["optimizer"], "sgd with late-phase-k > 1: "
+                          "late-phase training steps its shared weights and members with SGD")
     if config["evaluation"] == "federated" and config["late-phase-k"] > 1:
         raise ConfigError("evaluation", "federated", "central with late-phase-k > 1: the "
                           "server collapses the members before it evaluates")

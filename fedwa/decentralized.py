@@ -5,14 +5,21 @@
 server sends every node, in one message of type ``train.merge``, the latest models of its
 neighbours (as one ArrayRecord each, ``node-<partition id>``) and its row of the mixing matrix;
 it keeps the models the nodes send back, for the next round's messages and for evaluation.
+DIMAT on a complete graph (``dimat-basis = single``, its default there) makes two exchanges
+per round instead: the round's merger merges every model in its own basis and replies
+untrained, then every node receives that one merge and trains it. With
+``node-pretrain-epochs`` every node first trains its own model, with no neighbour sent.
 
 :func:`merge_and_train` is what a node does with that message (:mod:`fedwa.client_app` calls
-it): BatchNorm recomputation and activation-matching alignment on its own data (DIMAT only),
-the weighted merge, BatchNorm recomputation of the merged model, and local training.
+it): BatchNorm recomputation and activation-matching alignment (DIMAT only) on its own data
+or on the shared proxy set (:func:`alignment_examples`), the weighted merge, BatchNorm
+recomputation of the merged model, and local training.
 
 Per round the results hold the mean, min and max accuracy of the nodes' models on the test set,
 the accuracy of the plain average of every node's weights (``consensus_*``), the consensus
-distance (mean squared distance of the nodes' parameters to their mean) and the bytes per node.
+distance (mean squared distance of the nodes' parameters to their mean), the bytes per node,
+and the mean accuracy before (``premerge_accuracy``) and after (``merged_accuracy``) the
+round's merge.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from fedwa.alignment import align_to, merge_aligned, permutation_spec, permute_s
 from fedwa.bn import has_batchnorm, recompute_bn
 from fedwa.errors import AllClientsFailedError
 from fedwa.metrics import evaluate_model
-from fedwa.results import ResultsWriter
+from fedwa.results import ResultsWriter, read_rounds
 from fedwa.task import shot_options
 from fedwa.training import LocalTrainSpec, train_local
 
@@ -55,11 +62,34 @@ def probe_examples(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     return x[order[:count]]
 
 
+def alignment_examples(round_config: Mapping[str, Any], data: Any,
+                       x: torch.Tensor) -> torch.Tensor:
+    """The examples a node aligns and recomputes BatchNorm statistics on.
+
+    ``align-data = "proxy"`` (``dimat-align-data``): the run's server validation split, which
+    :func:`fedwa.data.build_federated_data` holds out of the pool before the partition, so it
+    is disjoint from every node's training data and the same for every node. Otherwise the
+    node's own training examples ``x``.
+    """
+    if round_config.get("align-data", "local") == "proxy":
+        proxy, _ = data.server_val()
+        if not len(proxy):
+            raise ValueError("dimat-align-data = proxy, but the server validation split is "
+                             "empty (server-val-fraction is 0)")
+        return proxy
+    return x
+
+
+def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def merge_and_train(own: torch.nn.Module, neighbours: Mapping[int, Mapping[str, torch.Tensor]],
                     round_config: Mapping[str, Any], x: torch.Tensor, y: torch.Tensor,
                     spec: LocalTrainSpec, *, seed: int, make_model: Any,
                     device: torch.device | str = "cpu", bn_batch_size: int = 512,
-                    evaluate_merged: Any = None) -> dict[str, float]:
+                    evaluate_merged: Any = None,
+                    align_x: torch.Tensor | None = None) -> dict[str, float]:
     """One node's round, in place on ``own``: (align,) merge, recompute BN, train.
 
     Parameters
@@ -70,7 +100,13 @@ def merge_and_train(own: torch.nn.Module, neighbours: Mapping[int, Mapping[str, 
         The neighbours' latest models by partition id.
     round_config : mapping
         ``self-weight``, ``neighbours`` and ``neighbour-weights`` (the node's row of the mixing
-        matrix), ``align``, ``merge-bn-recompute`` and ``dimat-examples``.
+        matrix), ``align``, ``merge-bn-recompute`` and ``dimat-examples``. Optional:
+        ``align-to`` (a partition id in ``neighbours`` whose model is the basis every model,
+        the node's own included, is aligned to; -1 or absent: the node's own model),
+        ``probe-seed`` (seed of the probe subset; default ``seed``) and ``train`` (false: merge
+        only, no local training). A model of weight 0 is not merged (it can still be the
+        basis); with a single model left of weight > 0 the "merge" is that model, copied:
+        pre-training (no neighbours) and DIMAT's one merge given to every node (own weight 0).
     x, y : torch.Tensor
         The node's own data.
     spec : LocalTrainSpec
@@ -84,6 +120,9 @@ def merge_and_train(own: torch.nn.Module, neighbours: Mapping[int, Mapping[str, 
         ``balanced_accuracy`` come back as ``merged-accuracy``/``merged-balanced-accuracy``.
         Local training on a skewed partition pulls a node towards its own classes, so what
         merging achieved shows only before it.
+    align_x : torch.Tensor, optional
+        Examples for BatchNorm recomputation and activation matching (see
+        :func:`alignment_examples`); default ``x``.
 
     Returns
     -------
@@ -92,31 +131,63 @@ def merge_and_train(own: torch.nn.Module, neighbours: Mapping[int, Mapping[str, 
     """
     started = time.perf_counter()
     ids = [int(j) for j in round_config["neighbours"]]
-    weights = [float(round_config["self-weight"])] + [float(w) for w in
-                                                       round_config["neighbour-weights"]]
-    probe = probe_examples(x, int(round_config["dimat-examples"]), seed)
+    self_weight = float(round_config["self-weight"])
+    weight_of = dict(zip(ids, (float(w) for w in round_config["neighbour-weights"])))
+    probe_seed = int(round_config.get("probe-seed", seed))
+    probe = probe_examples(x if align_x is None else align_x, int(round_config["dimat-examples"]),
+                           probe_seed)
     with_bn = has_batchnorm(own)
-    states = []
+    anchor = int(round_config.get("align-to", -1))
+    states, weights = [], []
     if round_config["align"]:
-        # Activation statistics must describe this node's data, not whatever data each model
-        # last saw, before units are matched by their correlations on it.
+        # Activation statistics must describe the alignment data, not whatever data each
+        # model last saw, before units are matched by their correlations on it.
         if with_bn:
             recompute_bn(own, probe, batch_size=bn_batch_size, device=device)
-        states.append({k: v.detach().cpu().clone() for k, v in own.state_dict().items()})
+        own_state = _state_copy(own)
         perm_spec = permutation_spec(own)
         other = make_model()
-        for j in ids:
-            other.load_state_dict(neighbours[j])
+        reference = own
+        if anchor >= 0:
+            reference = make_model()
+            reference.load_state_dict(neighbours[anchor])
             if with_bn:
-                recompute_bn(other, probe, batch_size=bn_batch_size, device=device)
-            perms = align_to(own, other, probe, perm_spec)
-            states.append(permute_state({k: v.detach().cpu() for k, v in
-                                         other.state_dict().items()}, perm_spec, perms))
+                recompute_bn(reference, probe, batch_size=bn_batch_size, device=device)
+        if self_weight > 0:
+            if reference is own:
+                states.append(own_state)
+            else:
+                perms = align_to(reference, own, probe, perm_spec)
+                states.append(permute_state(own_state, perm_spec, perms))
+            weights.append(self_weight)
+        for j in ids:
+            if weight_of[j] <= 0:
+                continue  # the anchor of a node that is not its neighbour: basis only
+            if j == anchor:
+                states.append(_state_copy(reference))
+            else:
+                other.load_state_dict(neighbours[j])
+                if with_bn:
+                    recompute_bn(other, probe, batch_size=bn_batch_size, device=device)
+                perms = align_to(reference, other, probe, perm_spec)
+                states.append(permute_state({k: v.detach().cpu() for k, v in
+                                             other.state_dict().items()}, perm_spec, perms))
+            weights.append(weight_of[j])
     else:
-        states.append({k: v.detach().cpu().clone() for k, v in own.state_dict().items()})
-        states.extend(dict(neighbours[j]) for j in ids)
+        if self_weight > 0:
+            states.append(_state_copy(own))
+            weights.append(self_weight)
+        for j in ids:
+            if weight_of[j] > 0:
+                states.append(dict(neighbours[j]))
+                weights.append(weight_of[j])
+    if not states:
+        raise ValueError("nothing to merge: the node's own weight and every neighbour's are 0")
     aligned = time.perf_counter()
-    own.load_state_dict(merge_aligned(states, weights))
+    if len(states) > 1:
+        own.load_state_dict(merge_aligned(states, weights))
+    elif self_weight <= 0:
+        own.load_state_dict(states[0])  # one model given as it is (DIMAT's single merge)
     if with_bn and round_config["merge-bn-recompute"]:
         recompute_bn(own, probe, batch_size=bn_batch_size, device=device)
     merged = time.perf_counter()
@@ -125,6 +196,8 @@ def merge_and_train(own: torch.nn.Module, neighbours: Mapping[int, Mapping[str, 
         report = evaluate_merged(own)
         extra.update({"merged-accuracy": report["accuracy"],
                       "merged-balanced-accuracy": report["balanced_accuracy"]})
+    if not round_config.get("train", True):
+        return {"loss": 0.0, "steps": 0.0, "examples": 0.0, "seconds": 0.0, **extra}
     stats = train_local(own, x, y, spec, seed=seed, device=device)
     return {**stats, **extra}
 
@@ -180,6 +253,19 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
     A resumed run starts at ``first_round`` with the relay's models already in
     ``strategy.models``; ``after_round(r)`` runs once round ``r`` is recorded (checkpoints).
 
+    Round 0 records the nodes as they enter the first merge: their initialisations or, with
+    ``node-pretrain-epochs`` > 0, the models after pre-training (one exchange of
+    ``train.merge`` messages that carry no neighbour: every node trains its own model, nothing
+    is merged). Every round's record holds ``premerge_accuracy`` (the mean node accuracy of
+    the models that went into the round's merge: the previous record's ``accuracy``, read back
+    from ``metrics.jsonl`` in a resumed run) beside ``merged_accuracy`` (the merged models before
+    local training), so round 1 reports accuracy before and after the first merge.
+
+    With DIMAT's ``single`` basis (complete graphs) a round is two exchanges: the round's
+    merger receives every other model and replies with the merged model, untrained; then
+    every node receives that model and trains it. If the merger's reply is unusable, the
+    next node (in partition order) merges instead.
+
     ``grid`` is a :class:`fedwa.grid.FedwaGrid` (ordered node ids, traffic counts). A node
     whose reply is unusable (error, wrong names or shapes, NaN) keeps its previous model in
     the relay and is counted in ``clients_failed``; the round goes on. When no node replies
@@ -187,8 +273,15 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
     """
     from strategies.base import reply_problem, train_metrics
 
-    node_ids = list(grid.get_node_ids())
     num_nodes = int(config["num-clients"])
+    node_ids = list(grid.get_node_ids())
+    # Ray's SuperNodes register one by one after the engine starts; on a loaded machine the
+    # first call can come before any has (seen in the test suite). Wait for them, as Flower's
+    # own strategies wait for min_available_nodes.
+    deadline = time.monotonic() + 120.0
+    while len(node_ids) < num_nodes and time.monotonic() < deadline:
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
     if len(node_ids) != num_nodes:
         raise AllClientsFailedError(f"{len(node_ids)} nodes answered, the topology needs "
                                     f"{num_nodes}")
@@ -204,11 +297,18 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
     subset = stratified_subset(y_test, eval_count, int(config["seed"]))
     rounds = strategy.total_rounds()
     shots = shot_options(config)
+    basis = str(getattr(strategy, "basis", "own"))
     last_time = time.perf_counter()
+    previous_accuracy: float | None = None
+    if first_round > 1:
+        # A resumed run: the round before it is on disk (restored with the checkpoint).
+        before = [r for r in read_rounds(writer.run_dir) if r.get("round") == first_round - 1]
+        previous_accuracy = before[-1].get("accuracy") if before else None
 
     def evaluate(server_round: int, train: Mapping[str, Any] | None, failed: int,
-                 usable_replies: Sequence[Message] = ()) -> None:
-        nonlocal last_time
+                 merged_replies: Sequence[Message] = (),
+                 extra: Mapping[str, Any] | None = None) -> None:
+        nonlocal last_time, previous_accuracy
         final = server_round == rounds
         idx = torch.arange(len(y_test)) if final else subset
         x, y = x_test[idx], y_test[idx]
@@ -224,7 +324,7 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
         reports = [report(s) for s in states]
         consensus = report(merge_aligned(states, [1.0] * num_nodes))
         traffic = grid.take_traffic()
-        merged = [float(r.content["metrics"]["merged-accuracy"]) for r in usable_replies
+        merged = [float(r.content["metrics"]["merged-accuracy"]) for r in merged_replies
                   if "merged-accuracy" in r.content["metrics"]]
         accuracies = [r["accuracy"] for r in reports]
         balanced = [r["balanced_accuracy"] for r in reports]
@@ -234,6 +334,8 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
             "node_accuracy": accuracies, "node_balanced_accuracy": balanced,
             "node_accuracy_min": min(accuracies), "node_accuracy_max": max(accuracies),
             "node_balanced_accuracy_min": min(balanced),
+            # The nodes' models that went into this round's merge (the previous record).
+            "premerge_accuracy": previous_accuracy if server_round else None,
             # The nodes' merged models before local training (evaluated by the nodes).
             "merged_accuracy": float(np.mean(merged)) if merged else None,
             "merged_accuracy_min": min(merged) if merged else None,
@@ -243,31 +345,36 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
             "seconds": time.perf_counter() - last_time if server_round else 0.0,
             "bytes_down": traffic.bytes_down, "bytes_up": traffic.bytes_up,
             "bytes_per_node": (traffic.bytes_down + traffic.bytes_up) / num_nodes,
-            "clients_ok": num_nodes - failed if server_round else 0,
-            "clients_failed": failed if server_round else 0,
+            "clients_ok": num_nodes - failed if train is not None else 0,
+            "clients_failed": failed if train is not None else 0,
             "train_loss": train.get("train-loss") if train else None,
             "client_train": dict(train) if train else None,
             "topology": strategy.topology,
+            "dimat_basis": basis if getattr(strategy, "align", False) else None,
+            **(extra or {}),
         }
         writer.append_round(record)
         log.info("round %d/%d  node accuracy %.4f (min %.4f)  consensus %.4f", server_round,
                  rounds, record["accuracy"], record["node_accuracy_min"],
                  record["consensus_accuracy"])
+        previous_accuracy = record["accuracy"]
         last_time = time.perf_counter()
 
-    if first_round == 1:
-        evaluate(0, None, 0)
-        if after_round is not None:
-            after_round(0)
-    for server_round in range(first_round, rounds + 1):
+    def exchange(group: str, plan: Mapping[int, tuple[dict[str, Any],
+                                                      Mapping[int, Mapping[str, torch.Tensor]]]]
+                 ) -> tuple[list[Message], list[tuple[int, str]]]:
+        """Send each planned node its config and models; the usable replies (partition
+        order) and the failures."""
         messages = []
         for node in node_ids:
             pid = pid_of[node]
-            content = RecordDict({"config": ConfigRecord(strategy.round_config(server_round,
-                                                                               pid))})
-            for j in strategy.neighbours[pid]:
-                content[neighbour_key(j)] = to_record(strategy.models[j])
-            messages.append(Message(content, node, MERGE_MESSAGE, group_id=str(server_round)))
+            if pid not in plan:
+                continue
+            round_config, models = plan[pid]
+            content = RecordDict({"config": ConfigRecord(round_config)})
+            for j, state in models.items():
+                content[neighbour_key(j)] = to_record(state)
+            messages.append(Message(content, node, MERGE_MESSAGE, group_id=group))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         usable, failures = [], []
         for reply in replies:
@@ -277,18 +384,77 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
                 usable.append(reply)
             else:
                 failures.append((node, problem or "unknown node"))
-                log.warning("round %d: node %d left out: %s", server_round, node, problem)
-        if not usable:
-            detail = "; ".join(f"node {n}: {p}" for n, p in failures[:3])
-            raise AllClientsFailedError(f"round {server_round}: none of the {num_nodes} nodes "
-                                        f"returned a usable model ({detail or 'no replies'})")
+                log.warning("exchange %s: node %d left out: %s", group, node, problem)
         usable.sort(key=lambda r: pid_of[r.metadata.src_node_id])
-        for reply in usable:
-            state = to_state_dict(reply.content["arrays"])
-            strategy.models[pid_of[reply.metadata.src_node_id]] = state
+        return usable, failures
+
+    def none_usable(what: str, failures: Sequence[tuple[int, str]]) -> AllClientsFailedError:
+        detail = "; ".join(f"node {n}: {p}" for n, p in failures[:3])
+        return AllClientsFailedError(f"{what}: none of the {num_nodes} nodes returned a usable "
+                                     f"model ({detail or 'no replies'})")
+
+    def keep(replies: Sequence[Message]) -> None:
+        for reply in replies:
+            strategy.models[pid_of[reply.metadata.src_node_id]] = to_state_dict(
+                reply.content["arrays"])
+
+    if first_round == 1:
+        pretrain = int(getattr(strategy, "pretrain_epochs", lambda: 0)())
+        if pretrain > 0:
+            # Pre-training: no neighbour is sent, so nothing is merged.
+            usable, failures = exchange("pretrain", {pid: (strategy.pretrain_config(pid), {})
+                                                     for pid in range(num_nodes)})
+            if not usable:
+                raise none_usable("pre-training", failures)
+            keep(usable)
+            evaluate(0, dict(train_metrics(usable)), num_nodes - len(usable),
+                     extra={"pretrain_epochs": pretrain})
+        else:
+            evaluate(0, None, 0)
+        if after_round is not None:
+            after_round(0)
+    for server_round in range(first_round, rounds + 1):
+        extra: dict[str, Any] = {}
+        if basis == "single":
+            merged_state, merger_reply = None, None
+            for attempt in range(num_nodes):
+                merger = (strategy.merger(server_round) + attempt) % num_nodes
+                merge_config = strategy.merger_config(server_round, merger)
+                sent = {j: strategy.models[j] for j in merge_config["neighbours"]}
+                replies, failures = exchange(f"{server_round}.merge",
+                                             {merger: (merge_config, sent)})
+                if replies:
+                    merger_reply = replies[0]
+                    merged_state = to_state_dict(merger_reply.content["arrays"])
+                    break
+                log.warning("round %d: merger %d failed; the next node merges", server_round,
+                            merger)
+            if merged_state is None or merger_reply is None:
+                raise none_usable(f"round {server_round} (the one merge)", [])
+            usable, failures = exchange(str(server_round), {
+                pid: (strategy.given_config(server_round, pid, merger), {merger: merged_state})
+                for pid in range(num_nodes)})
+            merged_replies = [merger_reply]
+            extra = {"merger": merger, "merger_attempts": attempt + 1}
+        else:
+            plan = {}
+            for pid in range(num_nodes):
+                plan[pid] = (strategy.round_config(server_round, pid),
+                             {j: strategy.models[j] for j in strategy.senders(server_round, pid)})
+            usable, failures = exchange(str(server_round), plan)
+            merged_replies = usable
+            if basis == "anchor":
+                extra = {"merger": strategy.merger(server_round)}
+        if not usable:
+            raise none_usable(f"round {server_round}", failures)
+        keep(usable)
         strategy.after_round(server_round, usable)
-        failed = num_nodes - len(usable)
-        evaluate(server_round, dict(train_metrics(usable)), failed, usable)
+        train = dict(train_metrics(usable))
+        if basis == "single":
+            metrics = merger_reply.content["metrics"]
+            train.update({"align-seconds": float(metrics["align-seconds"]),
+                          "merge-seconds": float(metrics["merge-seconds"])})
+        evaluate(server_round, train, num_nodes - len(usable), merged_replies, extra)
         if after_round is not None:
             after_round(server_round)
     return strategy.models

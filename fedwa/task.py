@@ -79,7 +79,8 @@ def local_train_spec(config: Mapping[str, Any], round_config: Mapping[str, Any])
     The learning rate follows the run's global progress (``lr-schedule``): by default round r of
     R covers progress [(r-1)/R, r/R); a strategy whose rounds are uneven (IMWA's episodes) sends
     ``progress-start``/``progress-end``. A strategy may also send ``lr`` (then constant for
-    the round), ``local-epochs``/``local-steps``, and FedProx's ``proximal-mu``.
+    the round), ``local-epochs``/``local-steps``, and FedProx's ``proximal-mu``. The optimiser
+    (``optimizer``: sgd, adam or adamw) is the run's, for every strategy.
     """
     server_round = int(round_config.get("server-round", 1))
     num_rounds = int(config["num-server-rounds"])
@@ -99,4 +100,5 @@ def local_train_spec(config: Mapping[str, Any], round_config: Mapping[str, Any])
         progress_start=float(round_config.get("progress-start",
                                               (server_round - 1) / num_rounds)),
         progress_end=float(round_config.get("progress-end", server_round / num_rounds)),
+        optimizer=str(config.get("optimizer", "sgd")),
     )

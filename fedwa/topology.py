@@ -192,6 +192,34 @@ def is_connected(neighbour_lists: Sequence[Sequence[int]]) -> bool:
     return len(_components(neighbour_lists)) <= 1
 
 
+def is_complete(neighbour_lists: Sequence[Sequence[int]]) -> bool:
+    """Whether every node is linked to every other node (a complete graph).
+
+    Not only ``topology = "full"``: a ring of 3, any graph on 2 nodes and ``erdos-renyi``
+    with ``p = 1`` are complete too. On a complete graph both mixing rules give every entry
+    ``1/n``, so every node's row of the mixing matrix is the same.
+
+    Parameters
+    ----------
+    neighbour_lists : sequence of sequence of int
+        ``neighbour_lists[i]`` are the neighbours of node ``i`` (never ``i`` itself).
+
+    Returns
+    -------
+    bool
+        True when ``neighbour_lists[i]`` holds the ``n - 1`` other nodes for every ``i``; a
+        single node is complete.
+
+    Examples
+    --------
+    >>> is_complete(neighbours("ring", 3)), is_complete(neighbours("ring", 4))
+    (True, False)
+    """
+    n = len(neighbour_lists)
+    return all(sorted(nbrs) == [j for j in range(n) if j != i]
+               for i, nbrs in enumerate(neighbour_lists))
+
+
 def mixing_matrix(neighbour_lists: Sequence[Sequence[int]], rule: str) -> np.ndarray:
     """Symmetric, doubly stochastic mixing matrix over a graph.
 

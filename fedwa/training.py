@@ -1,4 +1,5 @@
-"""Local training of one client: SGD over tensors held in memory, sliced into minibatches.
+"""Local training of one client: SGD (or Adam/AdamW) over tensors held in memory, sliced into
+minibatches.
 
 Data stays as tensors and is sliced by index (a per-sample DataLoader is ~10x slower on these
 CPUs). Every source of randomness is a seeded ``torch.Generator``, so one client, round and seed
@@ -25,6 +26,12 @@ class LocalTrainSpec:
 
     ``steps > 0`` fixes the number of SGD steps (epochs are then ignored); otherwise the client
     makes ``epochs`` passes over its data.
+
+    ``optimizer`` is ``"sgd"`` (``lr``, ``momentum``, ``weight_decay`` as coupled L2),
+    ``"adam"`` (``lr``, ``weight_decay`` as coupled L2; momentum is not used) or ``"adamw"``
+    (``lr``, decoupled ``weight_decay``); Adam and AdamW use torch's default betas (0.9, 0.999)
+    and eps (1e-8). Every call of :func:`train_local` creates a fresh optimiser: no state
+    carries over from one round to the next (DIMAT's "fresh optimiser after each merge").
     """
 
     epochs: int = 1
@@ -39,6 +46,22 @@ class LocalTrainSpec:
     lr_schedule: str = "constant"
     progress_start: float = 0.0
     progress_end: float = 1.0
+    optimizer: str = "sgd"
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimiser(params, spec: LocalTrainSpec) -> torch.optim.Optimizer:  # noqa: ANN001
+    """A fresh optimiser of ``spec.optimizer`` over ``params`` (see :class:`LocalTrainSpec`)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
+                               weight_decay=spec.weight_decay)
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}: one of {', '.join(OPTIMIZERS)}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -108,7 +131,7 @@ def train_local(
     device: torch.device | str = "cpu",
     regulariser: Regulariser | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place on ``(x, y)`` with SGD.
+    """Train ``model`` in place on ``(x, y)`` with a fresh optimiser (``spec.optimizer``).
 
     Parameters
     ----------
@@ -139,8 +162,7 @@ def train_local(
         # FedProx (Li et al. 2020): mu/2 * ||w - w_global||^2 keeps the client near the model
         # it received.
         anchor = [p.detach().clone() for p in model.parameters()]
-    optimiser = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                weight_decay=spec.weight_decay)
+    optimiser = make_optimiser(model.parameters(), spec)
     generator = torch.Generator().manual_seed(seed)
     batches = batch_order(len(x), spec.batch_size, spec, generator)
     x_dev, y_dev = x.to(device), y.to(device)

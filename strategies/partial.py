@@ -1,7 +1,7 @@
 """Partial model averaging.
 
 Lee, Sahu, He, Avestimehr, "Partial Model Averaging in Federated Learning: Performance
-Guarantees and Benefits", 2022 (arXiv 2201.03789). The model's layers are split into
+Guarantees and Benefits", 2022 (arXiv 2201.03789). The model's parameters are split into
 ``partial-groups`` (tau) disjoint groups; round r synchronises group ``(r - 1) mod tau``: the
 clients train, send that group up, the server averages it, and the average goes down at the
 start of round r + 1 (with the next round's instructions), where it replaces the clients'
@@ -9,6 +9,14 @@ copies. Clients keep their own full model between rounds, so the other groups st
 parameter is still averaged once every tau rounds, at 1/tau of the traffic per round. Round 1
 sends no weights: every client starts from the run's shared, seeded initialisation. With
 tau = 1 this is FedAvg exactly.
+
+``partial-grouping`` picks the groups (:func:`fedwa.partial.partition_groups`): ``equal`` (the
+default) cuts weights by output rows so every group holds 1/tau of the bytes to within one
+row or one whole small tensor; ``balanced`` and ``round-robin`` keep layers whole. A group
+travels, both ways, as an ``ArrayRecord`` keyed by piece names: a whole entry under its own
+name, rows ``a:b`` of a split one as ``"<entry>[a:b]"``. The client writes the pieces it
+receives into its kept model (:func:`fedwa.partial.merge`) and replies with the pieces named
+in ``return-names`` (:func:`fedwa.partial.select`).
 
 A client that missed rounds (``fraction-train < 1``) rejoins, by ``partial-rejoin``, from its
 own freshest copy of every group (``local``: nothing extra is sent) or from the server's latest
@@ -26,23 +34,24 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedwa.arrays import average_records, to_state_dict
+from fedwa.arrays import average_records, to_record, to_state_dict
 from fedwa.config import Key, at_least
-from fedwa.partial import group_for_round, merge, partition_groups, select
+from fedwa.partial import RULES, group_for_round, merge, partition_groups, select
 from strategies.fedavg import FedAvg
 
 
 class PartialAveraging(FedAvg):
-    """Averages one staggered group of layers per round; clients keep the rest."""
+    """Averages one staggered group of parameters per round; clients keep the rest."""
 
     #: Clients keep their own full model between rounds: checkpoints fetch it from them.
     keeps_client_models = True
 
     config_keys = (
-        Key("partial-groups", 2, "partial: number of layer groups tau (1 = FedAvg).",
+        Key("partial-groups", 2, "partial: number of parameter groups tau (1 = FedAvg).",
             check=at_least(1)),
-        Key("partial-grouping", "balanced", "partial: consecutive layers of balanced size, or "
-            "layers dealt round-robin.", choices=("balanced", "round-robin")),
+        Key("partial-grouping", "equal", "partial: groups of equal bytes (weights split by "
+            "output rows), consecutive whole layers of balanced size, or whole layers dealt "
+            "round-robin.", choices=RULES),
         Key("partial-rejoin", "local", "partial: a client that missed rounds continues from "
             "its own groups, or gets the server's full model.", choices=("local", "server")),
         Key("partial-eval-every", 0, "partial: the clients evaluate their own kept models on "
@@ -50,7 +59,7 @@ class PartialAveraging(FedAvg):
             check=at_least(0)),
     )
 
-    def __init__(self, *args: Any, partial_groups: int = 2, partial_grouping: str = "balanced",
+    def __init__(self, *args: Any, partial_groups: int = 2, partial_grouping: str = "equal",
                  partial_rejoin: str = "local", partial_eval_every: int = 0,
                  **kwargs: Any) -> None:
         kwargs["fraction_evaluate"] = 1.0  # every client reports its own model each round
@@ -82,9 +91,10 @@ class PartialAveraging(FedAvg):
         config["keep-local-model"] = True
         config["return-names"] = list(up)
         messages = list(super().configure_train(
-            server_round, ArrayRecord(select(self.full, down)), config, grid))
-        # Replies carry the group synchronised this round, not the one that went down.
-        self.sent_arrays = ArrayRecord(select(self.full, up))
+            server_round, to_record(select(self.full, down)), config, grid))
+        # Replies carry the group synchronised this round, not the one that went down: the
+        # reply check expects its piece names and shapes.
+        self.sent_arrays = to_record(select(self.full, up))
         partition_of = getattr(grid, "partition_of", {})
         keys = [partition_of.get(m.metadata.dst_node_id, m.metadata.dst_node_id)
                 for m in messages]
@@ -101,7 +111,8 @@ class PartialAveraging(FedAvg):
         last = self.last_round_of.get(key, 0)
         if last in (0, server_round - 1):  # never trained (starts from the shared init) or
             return message                 # trained last round: nothing was missed
-        content = RecordDict({"arrays": ArrayRecord(self.full), "config": config})
+        # Whole entries: the client's merge replaces every one of them.
+        content = RecordDict({"arrays": to_record(self.full), "config": config})
         return Message(content, node, message.metadata.message_type)
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord:

@@ -193,6 +193,29 @@ def test_momentum_one_rejected():
     check_error(err, "momentum", "1.0", "in [0, 1)")
 
 
+def test_optimizer_key_defaults_to_sgd_and_allows_adam_and_adamw():
+    assert resolve_config({})["optimizer"] == "sgd"
+    for name in ("adam", "adamw"):
+        assert resolve_config({"optimizer": name, "strategy": "dimat"})["optimizer"] == name
+    check_error(resolve_error({"optimizer": "rmsprop"}), "optimizer", "rmsprop",
+                "one of sgd, adam, adamw")
+
+
+def test_non_sgd_optimizer_with_late_phase_weights_rejected():
+    err = resolve_error({"optimizer": "adam", "late-phase-k": 2})
+    check_error(err, "optimizer", "adam", "sgd with late-phase-k > 1")
+    assert resolve_config({"optimizer": "sgd", "late-phase-k": 2})["late-phase-k"] == 2
+
+
+def test_dimat_keys_have_defaults():
+    config = resolve_config({"strategy": "dimat"})
+    assert (config["dimat-basis"], config["dimat-align-data"],
+            config["node-pretrain-epochs"]) == ("auto", "local", 0)
+    assert resolve_config({"strategy": "gossip"})["node-pretrain-epochs"] == 0
+    err = resolve_error({"strategy": "gossip", "dimat-basis": "single"})
+    assert err.key == "dimat-basis"  # a DIMAT key: gossip has no basis to choose
+
+
 def test_few_shot_max_above_many_shot_min():
     err = resolve_error({"few-shot-max": 50, "many-shot-min": 40})
     check_error(err, "few-shot-max", "50", "at most many-shot-min (40)")

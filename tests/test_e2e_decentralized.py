@@ -11,6 +11,7 @@ import torch
 from fedwa.cli import simulate
 from fedwa.config import resolve_config
 from fedwa.errors import FedwaError
+from fedwa.arrays import to_state_dict
 from fedwa.results import read_rounds
 from fedwa.averaging import weighted_average
 from fedwa.task import federated_data, make_model
@@ -148,3 +149,116 @@ def test_every_node_failing_stops_the_run(tmp_path: Path) -> None:
 class AllBrokenGossip(Gossip):
     def round_config(self, server_round, partition_id):  # noqa: ANN001, ANN201
         return {**super().round_config(server_round, partition_id), "neighbours": [99]}
+
+
+# --- issue 15: DIMAT as its authors ran it -----------------------------------------------------
+
+from strategies import DIMAT  # noqa: E402
+from fedwa.training import client_seed, train_local  # noqa: E402
+from fedwa.task import local_train_spec  # noqa: E402
+
+
+def model_bytes_of(config: dict) -> int:
+    return sum(t.numel() * t.element_size()
+               for t in make_model(config, federated_data(config)).state_dict().values())
+
+
+class FrozenDIMAT(DIMAT):
+    """DIMAT whose local training has lr 0: the parameters each node ends a round with are
+    exactly the ones it started training from (only BN running statistics move)."""
+
+    replies: dict[int, dict[int, dict]] = {}
+
+    def round_config(self, server_round, partition_id):  # noqa: ANN001, ANN201
+        return {**super().round_config(server_round, partition_id), "lr": 0.0}
+
+    def given_config(self, server_round, partition_id, merger=None):  # noqa: ANN001, ANN201
+        return {**super().given_config(server_round, partition_id, merger), "lr": 0.0}
+
+    def after_round(self, server_round, replies):  # noqa: ANN001, ANN201
+        FrozenDIMAT.replies[server_round] = {
+            int(r.content["metrics"]["partition-id"]): to_state_dict(r.content["arrays"])
+            for r in replies}
+
+
+@pytest.mark.parametrize("init", ["independent", "shared"])
+def test_dimat_on_a_complete_graph_gives_every_node_one_merge(tmp_path: Path,
+                                                              init: str) -> None:
+    FrozenDIMAT.replies = {}
+    run_dir = run(tmp_path, init, strategy=f"{__name__}:FrozenDIMAT", topology="full",
+                  **{"num-clients": 3, "node-init": init})
+    rounds = read_rounds(run_dir)
+    config = resolve_config({**SMALL, "strategy": "dimat", "num-clients": 3})
+    seeds = DIMAT.from_config({**config, "node-init": init}).node_seed
+    inits = [make_model(config, federated_data(config), seeds(p)).state_dict() for p in range(3)]
+    params = [n for n, _ in make_model(config, federated_data(config)).named_parameters()]
+    for server_round in (1, 2):
+        nodes = FrozenDIMAT.replies[server_round]
+        assert sorted(nodes) == [0, 1, 2]
+        for pid in (1, 2):  # every node holds the same merged weights
+            assert all(torch.equal(nodes[pid][n], nodes[0][n]) for n in params), pid
+        record = rounds[server_round]
+        assert record["consensus_distance"] == 0.0
+        assert (record["dimat_basis"], record["merger"]) == ("single", server_round - 1)
+        assert record["merged_accuracy"] is not None
+        # N - 1 models to the merger, 1 back, then N down and N up: 3 models per node.
+        mb = model_bytes_of(config)
+        assert 3 * mb <= record["bytes_per_node"] < 3 * mb * 1.05
+    if init == "independent":  # a real merge: no node's own initial weights
+        merged = FrozenDIMAT.replies[1][0]
+        assert all(not torch.equal(merged["conv1.weight"], s["conv1.weight"]) for s in inits)
+
+
+class PretrainProbe(DIMAT):
+    """DIMAT that keeps the relay's models as round 1 starts (the pre-trained nodes) and what
+    each node says it received."""
+
+    entering: dict[int, dict] = {}
+    received: dict[int, dict[int, list[int]]] = {}
+
+    def round_config(self, server_round, partition_id):  # noqa: ANN001, ANN201
+        if server_round == 1 and partition_id == 0:
+            PretrainProbe.entering = {p: {k: v.clone() for k, v in m.items()}
+                                      for p, m in self.models.items()}
+        return super().round_config(server_round, partition_id)
+
+    def after_round(self, server_round, replies):  # noqa: ANN001, ANN201
+        PretrainProbe.received[server_round] = {
+            int(r.content["metrics"]["partition-id"]): list(r.content["metrics"]["received-from"])
+            for r in replies}
+
+
+def test_pretraining_proxy_data_anchor_and_adam_end_to_end(tmp_path: Path) -> None:
+    settings = {"num-clients": 4, "node-init": "independent", "node-pretrain-epochs": 1,
+                "optimizer": "adam", "lr": 1e-3, "weight-decay": 0.0,
+                "server-val-fraction": 0.1, "dimat-align-data": "proxy",
+                "dimat-basis": "anchor", "dimat-examples": 64}
+    run_dir = run(tmp_path, "pre", strategy=f"{__name__}:PretrainProbe", topology="ring",
+                  **settings)
+    rounds = read_rounds(run_dir)
+    config = resolve_config({**SMALL, "strategy": "dimat", "topology": "ring", **settings,
+                             "node-eval-examples": 100})
+    data = federated_data(config)
+    strategy = DIMAT.from_config(config)
+    # Pre-training by hand: each node's own init, one Adam epoch on its own partition, seeded
+    # as round 0. No neighbour was sent (bytes_down 0), so nothing can have been merged.
+    for pid in range(4):
+        model = make_model(config, data, strategy.node_seed(pid))
+        x, y = data.client_data(pid)
+        spec = local_train_spec(config, strategy.pretrain_config(pid))
+        assert (spec.optimizer, spec.epochs, spec.steps) == ("adam", 1, 0)
+        train_local(model, x, y, spec, seed=client_seed(0, 0, pid))
+        got = PretrainProbe.entering[pid]
+        assert all(torch.equal(got[k], v) for k, v in model.state_dict().items()), pid
+    pre = rounds[0]
+    assert pre["pretrain_epochs"] == 1 and pre["bytes_down"] == 0
+    assert 4 * model_bytes_of(config) <= pre["bytes_up"] < 4 * model_bytes_of(config) * 1.05
+    assert pre["clients_ok"] == 4
+    # Round 1 reports accuracy before the first merge (the pre-trained nodes) and after it.
+    assert rounds[1]["premerge_accuracy"] == pre["accuracy"]
+    assert rounds[1]["merged_accuracy"] is not None
+    assert [r["merger"] for r in rounds[1:]] == [0, 1]
+    assert rounds[1]["dimat_basis"] == "anchor"
+    # Ring of 4, anchor 0 in round 1: node 2 (neighbours 1, 3) also receives node 0's model.
+    assert PretrainProbe.received[1][2] == [1, 3, 0]
+    assert PretrainProbe.received[2][3] == [0, 2, 1]

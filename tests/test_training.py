@@ -281,3 +281,104 @@ def test_client_seed_distinct_per_round_and_client():
     assert len(seeds) == 50 * 100
     assert client_seed(0, 1, 0) != client_seed(1, 1, 0)
     assert client_seed(7, 3, 4) == client_seed(7, 3, 4)
+
+
+# --- optimizer = adam / adamw ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, weight_decay", [("adam", 0.0), ("adam", 1e-2), ("adamw", 1e-2)])
+def test_adam_matches_torch_adam_step_for_step(name: str, weight_decay: float):
+    x, y = toy_data()
+    make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    hand = toy_model()
+    optimiser = make(hand.parameters(), lr=1e-3, weight_decay=weight_decay)
+    full = LocalTrainSpec(steps=4, batch_size=8, lr=1e-3, weight_decay=weight_decay,
+                          optimizer=name)
+    batches = batch_order(len(x), 8, full, gen(3))
+    for k, idx in enumerate(batches, start=1):
+        loss = nn.functional.cross_entropy(hand(x[idx]), y[idx])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        # train_local for k steps (a fresh optimiser) is the hand loop's first k steps.
+        model = toy_model()
+        spec = LocalTrainSpec(steps=k, batch_size=8, lr=1e-3, weight_decay=weight_decay,
+                              optimizer=name)
+        train_local(model, x, y, spec, seed=3)
+        assert torch.equal(flat(model), flat(hand)), k
+
+
+ADAM_EPS, B1, B2 = 1e-8, 0.9, 0.999
+
+
+def test_one_adam_step_hand_values():
+    model = one_weight_model(1.0, 0.0)
+    spec = LocalTrainSpec(epochs=1, lr=0.1, weight_decay=0.0, optimizer="adam")
+    train_local(model, X1, Y1, spec, seed=0)
+    # Step 1: m_hat = g, v_hat = g^2, so W' = W - lr g / (|g| + eps); g = [-2 p1, 2 p1].
+    a = 2 * P1 / (2 * P1 + ADAM_EPS)
+    assert model.weight.detach().flatten().tolist() == pytest.approx([1 + 0.1 * a, -0.1 * a],
+                                                                     abs=1e-7)
+
+
+def test_two_adam_steps_hand_values():
+    model = one_weight_model(1.0, 0.0)
+    spec = LocalTrainSpec(steps=2, lr=0.1, weight_decay=0.0, optimizer="adam")
+    train_local(model, X1, Y1, spec, seed=0)
+    g0 = 2 * P1
+    a = g0 / (g0 + ADAM_EPS)
+    w1 = [1 + 0.1 * a, -0.1 * a]
+    # At W1: logits = 2 W1; q1 = softmax prob of class 1; g1 = [-2 q1, 2 q1].
+    q1 = 1.0 / (1.0 + math.exp(2 * w1[0] - 2 * w1[1]))
+    g1 = 2 * q1
+    # m = b1 (1 - b1) g0 + (1 - b1) g1, v = b2 (1 - b2) g0^2 + (1 - b2) g1^2; bias-corrected
+    # by 1 - b^2; both rows have the same |update| with opposite signs.
+    m_hat = (B1 * (1 - B1) * g0 + (1 - B1) * g1) / (1 - B1 ** 2)
+    v_hat = (B2 * (1 - B2) * g0 ** 2 + (1 - B2) * g1 ** 2) / (1 - B2 ** 2)
+    step = 0.1 * m_hat / (math.sqrt(v_hat) + ADAM_EPS)
+    assert model.weight.detach().flatten().tolist() == pytest.approx(
+        [w1[0] + step, w1[1] - step], abs=1e-6)
+
+
+def test_adam_couples_weight_decay_and_adamw_decouples_it():
+    adam, adamw = one_weight_model(1.0, 0.0), one_weight_model(1.0, 0.0)
+    train_local(adam, X1, Y1, LocalTrainSpec(lr=0.1, weight_decay=0.1, optimizer="adam"), seed=0)
+    train_local(adamw, X1, Y1, LocalTrainSpec(lr=0.1, weight_decay=0.1, optimizer="adamw"),
+                seed=0)
+    # Adam: g' = g + wd W = [-2 p1 + 0.1, 2 p1], a sign step of lr: W' = [1.1, -0.1] (to eps).
+    g0 = 0.1 - 2 * P1
+    assert adam.weight.detach().flatten().tolist() == pytest.approx(
+        [1 + 0.1 * (-g0) / (abs(g0) + ADAM_EPS), -0.1 * 2 * P1 / (2 * P1 + ADAM_EPS)], abs=1e-7)
+    # AdamW: W <- W (1 - lr wd) first, then the plain Adam step: W' = [0.99 + 0.1, -0.1].
+    a = 2 * P1 / (2 * P1 + ADAM_EPS)
+    assert adamw.weight.detach().flatten().tolist() == pytest.approx(
+        [0.99 + 0.1 * a, -0.1 * a], abs=1e-7)
+
+
+def test_adam_ignores_momentum_and_sgd_stays_the_default():
+    a, b = one_weight_model(1.0, 0.0), one_weight_model(1.0, 0.0)
+    train_local(a, X1, Y1, LocalTrainSpec(steps=3, lr=0.1, momentum=0.0, optimizer="adam"),
+                seed=0)
+    train_local(b, X1, Y1, LocalTrainSpec(steps=3, lr=0.1, momentum=0.9, optimizer="adam"),
+                seed=0)
+    assert torch.equal(a.weight, b.weight)
+    assert LocalTrainSpec().optimizer == "sgd"
+    from fedwa.task import local_train_spec
+
+    assert local_train_spec(resolve_config({}), {}).optimizer == "sgd"
+    adam = resolve_config({"optimizer": "adam", "lr": 1e-3, "weight-decay": 0.0})
+    spec = local_train_spec(adam, {"server-round": 2})
+    assert (spec.optimizer, spec.lr, spec.weight_decay) == ("adam", 1e-3, 0.0)
+
+
+def test_batch_clients_never_batches_a_non_sgd_job():
+    from fedwa.batched import can_batch
+    from fedwa.client_app import TrainJob
+
+    assert can_batch(LocalTrainSpec(optimizer="sgd"))
+    for name in ("adam", "adamw"):
+        spec = LocalTrainSpec(optimizer=name)
+        assert not can_batch(spec)
+        job = TrainJob(None, None, 0.0, {}, torch.device("cpu"), 0, {}, toy_model(),
+                       *toy_data(), spec, 0, None, None)
+        assert not job.batchable()  # train_many then trains it one by one with train_local
