@@ -160,9 +160,15 @@ def resume_config(run_dir: str | Path, runtime: Mapping[str, Any] | None = None
 # --- state kept by the clients ----------------------------------------------------------------
 
 
+#: Prefix of a node's kept optimiser state among its checkpointed entries: torch module names
+#: cannot hold a "/", so these never collide with a model's state-dict keys.
+OPTIMIZER_PREFIX = "optimizer-state/"
+
+
 def fetch_client_models(grid: Any, timeout: float) -> dict[int, dict[str, torch.Tensor]]:
-    """Every node's kept model (partial averaging), by partition id; nodes keeping none, or
-    not answering, are left out."""
+    """Every node's kept model (partial averaging) and kept optimiser state (HWA), by
+    partition id, the optimiser's entries under :data:`OPTIMIZER_PREFIX`; nodes keeping
+    none, or not answering, are left out."""
     nodes = list(grid.get_node_ids())
     messages = [Message(RecordDict(), node, LOCAL_MODEL_ACTION, group_id="checkpoint")
                 for node in nodes]
@@ -172,10 +178,27 @@ def fetch_client_models(grid: Any, timeout: float) -> dict[int, dict[str, torch.
         if reply.has_error() or node not in grid.partition_of:
             log.warning("checkpoint: node %d did not return its kept model", node)
             continue
+        kept = {}
         arrays = record_named(reply.content, "arrays", ArrayRecord)
         if arrays:
-            models[grid.partition_of[node]] = to_state_dict(arrays)
+            kept.update(to_state_dict(arrays))
+        optimizer = record_named(reply.content, "optimizer", ArrayRecord)
+        if optimizer:
+            kept.update({OPTIMIZER_PREFIX + k: v for k, v in to_state_dict(optimizer).items()})
+        if kept:
+            models[grid.partition_of[node]] = kept
     return models
+
+
+def _restore_content(kept: Mapping[str, torch.Tensor]) -> RecordDict:
+    """A node's checkpointed entries as the restore message: model and optimiser apart."""
+    model = {k: v for k, v in kept.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    optimizer = {k[len(OPTIMIZER_PREFIX):]: v for k, v in kept.items()
+                 if k.startswith(OPTIMIZER_PREFIX)}
+    content = RecordDict({"arrays": to_record(model)})
+    if optimizer:
+        content["optimizer"] = to_record(optimizer)
+    return content
 
 
 def restore_client_models(grid: Any, models: Mapping[int, Mapping[str, torch.Tensor]],
@@ -183,8 +206,7 @@ def restore_client_models(grid: Any, models: Mapping[int, Mapping[str, torch.Ten
     """Send each node its kept model back (``query.restore_local_model``); return how many
     nodes took theirs. A node missing from ``models`` keeps starting from the global model."""
     nodes = {grid.partition_of[n]: n for n in grid.get_node_ids()}
-    messages = [Message(RecordDict({"arrays": to_record(dict(models[pid]))}), node,
-                        RESTORE_ACTION, group_id="resume")
+    messages = [Message(_restore_content(models[pid]), node, RESTORE_ACTION, group_id="resume")
                 for pid, node in nodes.items() if pid in models]
     restored = 0
     for reply in grid.send_and_receive(messages, timeout=timeout):

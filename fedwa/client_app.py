@@ -91,6 +91,8 @@ def _load_model(config: dict[str, Any], data, arrays: ArrayRecord) -> torch.nn.M
 
 
 LOCAL_MODEL_KEY = "fedwa-local-model"
+#: A node's optimiser state kept across rounds (``keep-optimizer-state``: HWA's local SGD).
+OPTIMIZER_STATE_KEY = "fedwa-optimizer-state"
 
 
 def _load_kept_model(model: torch.nn.Module, context: Context) -> None:
@@ -186,7 +188,8 @@ class TrainJob:
         """Whether :func:`fedwa.batched.train_batched` can train this job: plain SGD on a
         model with one set of weights and no random transforms in its forward."""
         return (self.regulariser is None and num_members(self.model) == 1
-                and not has_shadow_weights(self.model) and can_batch(self.spec))
+                and not has_shadow_weights(self.model) and can_batch(self.spec)
+                and not self.round_config.get("keep-optimizer-state"))
 
 
 def prepare_train(message: Message, context: Context) -> TrainJob:
@@ -215,8 +218,18 @@ def run_train(job: TrainJob) -> dict[str, float]:
         return train_late_phase(job.model, job.x, job.y, job.spec, seed=job.seed,
                                 device=job.device, late=_late_phase_started(job.config, job.spec),
                                 shared_grad=str(job.config.get("late-phase-shared-grad", "sum")))
-    return train_local(job.model, job.x, job.y, job.spec, seed=job.seed, device=job.device,
-                       regulariser=job.regulariser)
+    if not job.round_config.get("keep-optimizer-state"):
+        return train_local(job.model, job.x, job.y, job.spec, seed=job.seed, device=job.device,
+                           regulariser=job.regulariser)
+    # The node continues its own optimiser (momentum buffers, Adam moments) from its last
+    # round instead of starting a fresh one: a local SGD learner that only synchronises its
+    # weights (HWA's online averaging).
+    kept = record_named(job.context.state, OPTIMIZER_STATE_KEY, ArrayRecord)
+    state = dict(to_state_dict(kept)) if kept is not None else {}
+    stats = train_local(job.model, job.x, job.y, job.spec, seed=job.seed, device=job.device,
+                        regulariser=job.regulariser, optimizer_state=state)
+    job.context.state[OPTIMIZER_STATE_KEY] = to_record(state)
+    return stats
 
 
 def train_reply(job: TrainJob, stats: dict[str, float]) -> Message:
@@ -450,7 +463,12 @@ def batchnorm_moments(message: Message, context: Context) -> Message:
 def restore_local_model(message: Message, context: Context) -> Message:
     """A resumed run gives the node back the model it kept between rounds (partial averaging,
     decentralized mode), as the checkpoint recorded it."""
-    context.state[LOCAL_MODEL_KEY] = message.content["arrays"]
+    arrays = record_named(message.content, "arrays", ArrayRecord)
+    if arrays:
+        context.state[LOCAL_MODEL_KEY] = arrays
+    optimizer = record_named(message.content, "optimizer", ArrayRecord)
+    if optimizer:
+        context.state[OPTIMIZER_STATE_KEY] = optimizer
     return Message(RecordDict({"metrics": MetricRecord({"restored": 1})}), reply_to=message)
 
 
@@ -461,4 +479,8 @@ def local_model(message: Message, context: Context) -> Message:
     arrays = record_named(context.state, LOCAL_MODEL_KEY, ArrayRecord)
     if arrays is None:
         arrays = ArrayRecord()
-    return Message(RecordDict({"arrays": arrays}), reply_to=message)
+    content = RecordDict({"arrays": arrays})
+    optimizer = record_named(context.state, OPTIMIZER_STATE_KEY, ArrayRecord)
+    if optimizer is not None:
+        content["optimizer"] = optimizer  # checkpoints keep it too (fedwa.checkpoint)
+    return Message(content, reply_to=message)

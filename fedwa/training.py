@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,46 @@ class LocalTrainSpec:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def optimiser_state(optimiser: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as flat tensors, ``'<param index>.<name>'``.
+
+    E.g. ``'3.momentum_buffer'`` for SGD, ``'3.exp_avg'``, ``'3.exp_avg_sq'`` and ``'3.step'``
+    for Adam: what a client keeps across rounds (:func:`train_local`'s ``optimizer_state``),
+    in a form a Flower ``ArrayRecord`` carries. Hyperparameters are not included: they come
+    from the round's :class:`LocalTrainSpec`.
+    """
+    flat: dict[str, torch.Tensor] = {}
+    for index, entries in optimiser.state_dict()["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                flat[f"{index}.{name}"] = value.detach().clone()
+            elif isinstance(value, (int, float)):
+                flat[f"{index}.{name}"] = torch.tensor(float(value))
+    return flat
+
+
+def load_optimiser_state(optimiser: torch.optim.Optimizer,
+                         flat: Mapping[str, torch.Tensor]) -> None:
+    """Continue ``optimiser`` from :func:`optimiser_state`'s tensors (its own hyperparameters).
+
+    Raises
+    ------
+    ValueError
+        If an entry names a parameter index the optimiser does not have, or is not
+        ``'<index>.<name>'``: the kept state belongs to another model.
+    """
+    current = optimiser.state_dict()
+    count = sum(len(group["params"]) for group in current["param_groups"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or not name or int(index) >= count:
+            raise ValueError(f"optimiser state entry {key!r} does not fit a model with "
+                             f"{count} parameters")
+        state.setdefault(int(index), {})[name] = value.clone()
+    optimiser.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 def make_optimiser(params, spec: LocalTrainSpec) -> torch.optim.Optimizer:  # noqa: ANN001
@@ -130,6 +170,7 @@ def train_local(
     seed: int,
     device: torch.device | str = "cpu",
     regulariser: Regulariser | None = None,
+    optimizer_state: MutableMapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``(x, y)`` with a fresh optimiser (``spec.optimizer``).
 
@@ -147,6 +188,11 @@ def train_local(
         Where to train.
     regulariser : callable, optional
         Extra loss term ``f(model) -> scalar tensor`` added at every step.
+    optimizer_state : mutable mapping, optional
+        A client that keeps its optimiser across rounds (HWA's local SGD learners): the state
+        to continue from (:func:`optimiser_state`'s tensors; empty = a fresh optimiser), and
+        replaced in place by the state after this round. ``None`` (default): a fresh
+        optimiser that is dropped afterwards, as in FedAvg.
 
     Returns
     -------
@@ -163,6 +209,8 @@ def train_local(
         # it received.
         anchor = [p.detach().clone() for p in model.parameters()]
     optimiser = make_optimiser(model.parameters(), spec)
+    if optimizer_state:
+        load_optimiser_state(optimiser, optimizer_state)
     generator = torch.Generator().manual_seed(seed)
     batches = batch_order(len(x), spec.batch_size, spec, generator)
     x_dev, y_dev = x.to(device), y.to(device)
@@ -188,6 +236,9 @@ def train_local(
         loss.backward()
         optimiser.step()
         seen += len(idx)
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(optimiser_state(optimiser))
     steps = len(batches)
     return {
         "loss": float(total_loss) / max(steps, 1),

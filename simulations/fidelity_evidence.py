@@ -23,7 +23,9 @@ Rows and their baselines (same seed, paired):
   early-training claim: TWA-v after half the rounds against FedAvg after all of them;
 - HWA where it differs from SWA: an online period of a third of a round (more rounds of fewer
   steps at the same total of local steps) and a window of 6 synchronisations, shorter than
-  SWA's span of half the run; short and long;
+  SWA's span of half the run; short and long; clients keeping their optimiser across syncs
+  (the default) and starting a fresh one every sync (fedwa's earlier HWA); and the short
+  pair without momentum, where the two are the same;
 - late-phase weights (K = 4, start 0.6) with the authors' summed shared gradient, members
   averaged across clients or kept local, and the earlier mean gradient; short and long;
 - shadow weights on every conv: the authors' transform with a = 1 and with a ~ U(0, 1)
@@ -96,6 +98,7 @@ def runs(suite: str) -> dict[str, dict[str, Any]]:
         "twa-t-main": {"strategy": "twa-t", "twa-rounds": 10, **MAIN_TWA},
         "swa-steps": {"strategy": "swa", **by_steps},
         "hwa-steps": hwa,
+        "hwa-steps-fresh": {**hwa, "hwa-optimizer-state": "fresh"},
         "fedavg-late": {"strategy": "fedavg", **LATE},
         "fedavg-late-local": {"strategy": "fedavg", **LATE, "late-phase-members": "local"},
         "fedavg-late-mean": {"strategy": "fedavg", **LATE, "late-phase-shared-grad": "mean"},
@@ -110,9 +113,15 @@ def runs(suite: str) -> dict[str, dict[str, Any]]:
     if suite == "digits":
         long = {"num-server-rounds": LONG}
         plan.update({
+            # Every round starts a fresh client optimiser, so with momentum 0.9 a round of
+            # H = 2 steps never builds up its velocity: the same pair without momentum tells
+            # how much of HWA's loss that is.
+            "swa-steps-nomom": {"strategy": "swa", **by_steps, "momentum": 0.0},
+            "hwa-steps-nomom": {**hwa, "momentum": 0.0},
             "swa-long": {"strategy": "swa", **long},
             "swa-steps-long": {"strategy": "swa", **by_steps, **long},
             "hwa-steps-long": {**hwa, **long},
+            "hwa-steps-long-fresh": {**hwa, **long, "hwa-optimizer-state": "fresh"},
             "fedavg-late-long": {"strategy": "fedavg", **LATE, **long},
             "fedavg-late-local-long": {"strategy": "fedavg", **LATE, **long,
                                        "late-phase-members": "local"},
@@ -155,6 +164,13 @@ ROWS = [
     ("SWA, local steps", "swa-steps", "", "swa-steps", "global_"),
     ("HWA (H = 1/3 round, window 6)", "hwa-steps", "", "swa-steps", "global_"),
     ("HWA vs SWA", "hwa-steps", "", "swa-steps", ""),
+    ("HWA's online (synchronised) model", "hwa-steps", "global_", "swa-steps", "global_"),
+    ("HWA, fresh optimiser every sync (earlier)", "hwa-steps-fresh", "", "swa-steps",
+     "global_"),
+    ("FedAvg, local steps, momentum 0", "swa-steps-nomom", "global_", "swa-steps", "global_"),
+    ("HWA, momentum 0", "hwa-steps-nomom", "", "swa-steps-nomom", "global_"),
+    ("HWA's online model, momentum 0", "hwa-steps-nomom", "global_", "swa-steps-nomom",
+     "global_"),
     ("late-phase K=4, averaged members", "fedavg-late", "", "swa", "global_"),
     ("late-phase K=4, averaged members: ensemble", "fedavg-late", "ensemble_", "swa",
      "global_"),
@@ -176,6 +192,8 @@ ROWS = [
     ("HWA, 30 rounds' steps (H = 1/3 round, window 6)", "hwa-steps-long", "",
      "swa-steps-long", "global_"),
     ("HWA vs SWA, 30 rounds' steps", "hwa-steps-long", "", "swa-steps-long", ""),
+    ("HWA, 30 rounds' steps, fresh optimiser every sync (earlier)", "hwa-steps-long-fresh", "",
+     "swa-steps-long", "global_"),
     ("late-phase K=4, averaged, 30 rounds", "fedavg-late-long", "", "swa-long", "global_"),
     ("late-phase K=4, averaged, 30 rounds: ensemble", "fedavg-late-long", "ensemble_",
      "swa-long", "global_"),
@@ -223,7 +241,8 @@ def table(out: Path, seeds: list[int]) -> str:
         lines.append(f"| {label} | {len(dirs)} | {values[0]} | {values[1]} | {diff} | "
                      f"{base_label} | {up} |")
     # Rounds HWA needs to reach FedAvg's final accuracy (HWA's rounds are syncs of 1/3 round).
-    for hwa, fedavg in (("hwa-steps", "swa-steps"), ("hwa-steps-long", "swa-steps-long")):
+    for hwa, fedavg in (("hwa-steps", "swa-steps"), ("hwa-steps-long", "swa-steps-long"),
+                        ("hwa-steps-fresh", "swa-steps")):
         reached = []
         for s in seeds:
             h, f = out / f"{hwa}-s{s}", out / f"{fedavg}-s{s}"

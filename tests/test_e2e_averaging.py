@@ -109,3 +109,15 @@ def test_twa_options_run_through_flower(strategy: str, overrides: dict, tmp_path
     # Whatever the fit did to them, the server recomputes the TWA point's BN statistics.
     assert rounds[-1]["bn_route"]["twa"] == (
         "central" if float(config["server-val-fraction"]) > 0 else "federated")
+
+
+def test_hwa_clients_continue_their_optimiser_across_synchronisations(tmp_path: Path) -> None:
+    # Same seed and data; only what happens to the clients' momentum at a sync differs. With
+    # the optimiser kept, the runs part from round 2 on (round 1 starts fresh either way).
+    settings = {"strategy": "hwa", "local-steps": 4, "hwa-sync-steps": 2, "hwa-window": 2}
+    _, kept = run(tmp_path, "kept", **settings)
+    _, fresh = run(tmp_path, "fresh", **settings, **{"hwa-optimizer-state": "fresh"})
+    a, b = read_rounds(kept), read_rounds(fresh)
+    assert len(a) == len(b) == 5
+    assert a[1]["global_loss"] == b[1]["global_loss"]
+    assert a[2]["global_loss"] != b[2]["global_loss"]

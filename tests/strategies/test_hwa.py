@@ -167,3 +167,16 @@ def test_state_dict_round_trip():
     for strategy in (s, restored):
         arrays = run_round(strategy, 3)
         assert values(strategy.models_to_evaluate(3, arrays)["hwa"]) == ([1.5, 2.0], 31)
+
+
+def test_clients_keep_their_optimiser_by_default():
+    # Local SGD learners: the round tells every client to continue its own optimiser, and
+    # the checkpoint fetches that state with the nodes' other state.
+    s = hwa()
+    assert s.keeps_client_models
+    (m, *_) = s.configure_train(1, record(*SENT), ConfigRecord({}), FakeGrid([1, 2]))
+    assert m.content["config"]["keep-optimizer-state"] is True
+    fresh = hwa(**{"hwa-optimizer-state": "fresh"})
+    assert not fresh.keeps_client_models
+    (m, *_) = fresh.configure_train(1, record(*SENT), ConfigRecord({}), FakeGrid([1, 2]))
+    assert "keep-optimizer-state" not in m.content["config"]
