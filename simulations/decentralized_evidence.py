@@ -13,6 +13,19 @@ average of all nodes, and megabytes per node; `decentralized.png` plots the mean
 accuracy per round. Resumable: finished runs are not run again.
 
     python simulations/decentralized_evidence.py --seeds 0,1,2 --out runs/decentralized
+
+The fidelity suite (issue #15) takes DIMAT's departures from its authors' code
+(nsaadati/DIMAT) one at a time on the 5-node Dirichlet 0.1 settings: the basis (one merge for
+every node on the complete graph, the default since #15; the rotating anchor on the ring),
+one epoch of pre-training, the proxy alignment data (a held-out 10% shared by every node,
+1024 examples), the reference's Adam at lr 1e-3 (at our 20 steps per round, not its 2
+epochs), all three together, gossip with the same pre-training and optimiser, and both
+methods from a shared initialisation (any gap there is alignment's harm alone).
+`simulations/results/decentralized` was measured before #15, when every DIMAT node merged in
+its own basis (now `dimat-basis = own`).
+
+    python simulations/decentralized_evidence.py --suite fidelity --seeds 0,1,2 \
+        --out runs/dimat-fidelity
 """
 
 from __future__ import annotations
@@ -38,23 +51,62 @@ BASE = {"dataset": "fashion-mnist", "model": "cnn", "imbalance-ratio": 1.0,
         "num-server-rounds": ROUNDS, "local-steps": STEPS, "batch-size": 64, "lr": 0.05,
         "lr-schedule": "cosine", "node-init": "independent", "mixing": "metropolis",
         "dimat-examples": 128, "node-eval-examples": 500}
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dimat": ("DIMAT", {"strategy": "dimat"}),
-    "gossip": ("gossip", {"strategy": "gossip"}),
+#: The reference's local optimiser (nsaadati/DIMAT: Adam at lr 1e-3, fresh after every merge),
+#: at our step budget: the reference trains 2 epochs between merges, 19x our 20 steps.
+REFERENCE_OPTIMIZER = {"optimizer": "adam", "lr": 0.001, "weight-decay": 0.0,
+                       "lr-schedule": "constant"}
+PRETRAIN = {"node-pretrain-epochs": 1}
+#: The reference aligns on the training set shared by every agent; ours is a held-out 10%.
+PROXY = {"server-val-fraction": 0.1, "dimat-align-data": "proxy", "dimat-examples": 1024}
+#: Run key -> (label, overrides, topologies it applies to; None = all). ``dimat`` and
+#: ``gossip`` are the only methods of the original suite (all eight settings); the others are
+#: the fidelity ablation of DIMAT's departures from its authors' code (issue #15), run on
+#: the 5-node Dirichlet settings.
+METHODS: dict[str, tuple[str, dict[str, Any], tuple[str, ...] | None]] = {
+    "dimat": ("DIMAT (default basis: single on full, own on ring)", {"strategy": "dimat"}, None),
+    "gossip": ("gossip", {"strategy": "gossip"}, None),
+    "dimat-own": ("DIMAT, own basis (fedwa before #15)", {"strategy": "dimat",
+                                                         "dimat-basis": "own"}, ("full",)),
+    "dimat-anchor": ("DIMAT, rotating anchor basis", {"strategy": "dimat",
+                                                      "dimat-basis": "anchor"}, ("ring",)),
+    "dimat-pretrain": ("DIMAT + 1 pre-training epoch", {"strategy": "dimat", **PRETRAIN}, None),
+    "dimat-proxy": ("DIMAT + proxy alignment data", {"strategy": "dimat", **PROXY}, None),
+    "dimat-adam": ("DIMAT + reference optimiser (Adam 1e-3)", {"strategy": "dimat",
+                                                               **REFERENCE_OPTIMIZER}, None),
+    "dimat-reference": ("DIMAT as the reference: pre-training, proxy data, Adam",
+                        {"strategy": "dimat", **PRETRAIN, **PROXY, **REFERENCE_OPTIMIZER}, None),
+    "gossip-reference": ("gossip + pre-training, Adam (reference's control)",
+                         {"strategy": "gossip", **PRETRAIN, **REFERENCE_OPTIMIZER}, None),
+    "dimat-shared": ("DIMAT, shared init", {"strategy": "dimat", "node-init": "shared"}, None),
+    "gossip-shared": ("gossip, shared init", {"strategy": "gossip", "node-init": "shared"}, None),
 }
+ORIGINAL_METHODS = ("dimat", "gossip")
+FIDELITY_SETTINGS = ("n5-dir0.1-full", "n5-dir0.1-ring")
+
+
+def applies(key: str, setting: str) -> bool:
+    topologies = METHODS[key][2]
+    return topologies is None or SETTINGS[setting]["topology"] in topologies
 
 
 def last(run_dir: Path, key: str) -> float | None:
     return read_rounds(run_dir)[-1].get(key)
 
 
+def first_merge(run_dir: Path, key: str) -> float | None:
+    """``key`` of round 1, the first merge (``premerge_accuracy`` there is round 0's nodes)."""
+    rounds = [r for r in read_rounds(run_dir) if r.get("round") == 1]
+    return rounds[0].get(key) if rounds else None
+
+
 def table(out: Path, seeds: list[int]) -> str:
     lines = ["| setting | method | seeds | mean node acc (%) | min node acc (%) | "
-             "merged, before training (%) | average of all nodes (%) | MB per node |",
-             "|---|---|---|---|---|---|---|---|"]
+             "merged, before training (%) | average of all nodes (%) | "
+             "first merge: nodes before (%) | first merge: merged (%) | MB per node |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     curves: dict[str, dict[str, list[Path]]] = {}
     for setting in SETTINGS:
-        for key, (label, _) in METHODS.items():
+        for key, (label, _, _) in METHODS.items():
             dirs = finished(out, f"{setting}-{key}", seeds)
             if not dirs:
                 continue
@@ -64,6 +116,8 @@ def table(out: Path, seeds: list[int]) -> str:
                 f" | {cell(last(d, 'node_accuracy_min') for d in dirs)}"
                 f" | {cell(last(d, 'merged_accuracy') for d in dirs)}"
                 f" | {cell(last(d, 'consensus_accuracy') for d in dirs)}"
+                f" | {cell(first_merge(d, 'premerge_accuracy') for d in dirs)}"
+                f" | {cell(first_merge(d, 'merged_accuracy') for d in dirs)}"
                 f" | {cell(mb, 1.0, 1)} |")
             curves.setdefault(setting, {})[label] = dirs
     if curves:
@@ -100,12 +154,23 @@ def plot(curves: dict[str, dict[str, list[Path]]], path: Path) -> None:
 
 def main() -> int:
     def plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-        settings = args.settings.split(",") if args.settings else list(SETTINGS)
-        return [(f"{setting}-{key}", {**BASE, **SETTINGS[setting], **overrides})
-                for setting in settings for key, (_, overrides) in METHODS.items()]
+        fidelity = args.suite == "fidelity"
+        settings = (args.settings.split(",") if args.settings
+                    else list(FIDELITY_SETTINGS if fidelity else SETTINGS))
+        methods = (args.methods.split(",") if args.methods
+                   else [m for m in METHODS if fidelity or m in ORIGINAL_METHODS])
+        for name, known in (("setting", SETTINGS), ("method", METHODS)):
+            unknown = sorted(set(settings if name == "setting" else methods) - set(known))
+            if unknown:
+                raise SystemExit(f"unknown {name} {unknown}; known: {', '.join(known)}")
+        return [(f"{setting}-{key}", {**BASE, **SETTINGS[setting], **METHODS[key][1]})
+                for setting in settings for key in methods if applies(key, setting)]
 
     return evidence_main(__doc__, "runs/decentralized", plan, table,
-                         {"--settings": "comma-separated subset of " + ", ".join(SETTINGS)})
+                         {"--settings": "comma-separated subset of " + ", ".join(SETTINGS),
+                          "--methods": "comma-separated subset of " + ", ".join(METHODS),
+                          "--suite": "original (8 settings, DIMAT and gossip; the default) or "
+                                     "fidelity (the 5-node Dirichlet settings, every row)"})
 
 
 if __name__ == "__main__":
