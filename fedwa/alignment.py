@@ -59,22 +59,32 @@ residual streams (one per stage) plus one inner group per block, ``3 + 3n``: 12 
 
 Adding a model
 --------------
-Write a function ``model -> PermutationSpec`` (the :class:`SpecBuilder` helper makes it short)
-and register it for the model class with :func:`register_spec`, from anywhere (for instance
-next to the model). The aligner itself never changes: it only reads the spec. Subclasses
-inherit their parent's registration. :func:`permutation_spec` validates every spec it returns,
-so a spec that misses a layer fails loudly instead of silently breaking the function.
+A plain chain of Conv/Linear/BatchNorm layers with unit-wise activations, pooling and a
+flatten needs nothing: :func:`derive_spec` traces it with torch.fx and derives its spec (for
+``mlp`` and ``cnn`` it gives exactly the hand-written specs below). Anything else (residual
+sums, concatenations, shared layers) needs a spec written by hand: a function
+``model -> PermutationSpec`` (the :class:`SpecBuilder` helper makes it short), either
+registered for the model class with :func:`register_spec`, from anywhere (for instance next to
+the model), or, for a user's factory ``model = "module:make_net"``, put beside the factory as
+``make_net.permutation_spec`` or a module-level function ``permutation_spec``. The aligner
+itself never changes: it only reads the spec. Subclasses inherit their parent's registration.
+:func:`permutation_spec` validates every spec it returns, so a spec that misses a layer fails
+loudly instead of silently breaking the function.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedwa.models import MLP, ResNet, SmallCNN
@@ -347,14 +357,286 @@ def _resnet_spec(model: nn.Module) -> PermutationSpec:
     return b.build()
 
 
-def permutation_spec(model: nn.Module) -> PermutationSpec:
-    """The permutation spec of ``model``, from the builder registered for its class.
+# --- automatic specs for plain chains ---------------------------------------------------------
+
+# The network's input: its channels are never permuted.
+_INPUT = "<input>"
+
+# Layers that act on every unit alike (or per unit, without mixing units): a unit keeps its
+# index through them, so they pass a group on unchanged.
+_UNIT_WISE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    # Softmax over the units reorders with them (only the shape check below applies).
+    nn.Softmax, nn.LogSoftmax,
+)
+_UNIT_WISE_FUNCTIONS: tuple[Callable[..., object], ...] = (
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.tanh,
+    F.sigmoid, F.hardtanh, F.hardsigmoid, F.hardswish, F.softplus, F.dropout, F.dropout1d,
+    F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    torch.relu, torch.tanh, torch.sigmoid, F.softmax, F.log_softmax, torch.softmax,
+    torch.log_softmax,
+)
+_UNIT_WISE_METHODS = ("relu", "relu_", "tanh", "sigmoid", "contiguous", "clone")
+_FLATTENS_FUNCTIONS: tuple[Callable[..., object], ...] = (torch.flatten, torch.reshape)
+_FLATTENS_METHODS = ("flatten", "view", "reshape")
+# Arithmetic with a number (x * 2, x / 255) scales every unit alike; with two tensors it joins
+# two paths (a residual sum), which a chain has not.
+_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+               torch.add, torch.sub, torch.mul, torch.div)
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class UnsupportedModel(TypeError):
+    """:func:`derive_spec` cannot derive a spec: the model is not a plain layer chain."""
+
+
+@dataclass
+class _Pending:
+    """A group while the graph is walked: its producers, consumers and probe point."""
+
+    size: int
+    producers: list[str]
+    consumers: list[tuple[str, int]] = field(default_factory=list)
+    probe: str = ""
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+    return f"{name} (node {node.name!r})"
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def derive_spec(model: nn.Module, input_shape: Sequence[int]) -> PermutationSpec:
+    """Derive the permutation spec of a plain Conv/Linear/BatchNorm chain with torch.fx.
+
+    The model is traced (``torch.fx.symbolic_trace``) and run once, in eval mode and without
+    gradients, on zeros of ``[2, *input_shape]`` to learn every intermediate shape. Walking
+    the graph in order, every Conv or Linear layer starts a group of its output units,
+    named after the layer; a BatchNorm right after joins its producer's group and becomes
+    the probe (pre-ReLU, as in the hand-written specs); unit-wise layers and functions
+    (ReLU-like activations, dropout, max/average pooling, scaling by a number) pass a
+    group on; a flatten of a ``(C, H, W)`` map (``nn.Flatten``, ``torch.flatten(x, 1)``,
+    ``x.view(n, -1)``...) makes the next Linear read each unit in blocks of ``H * W``. The
+    network input's channels and the last group's units (the outputs) are fixed. For fedwa's
+    ``mlp`` and ``cnn`` the result equals their hand-written specs.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A model whose class (or a base class) is in :data:`SPEC_BUILDERS`: fedwa's ``MLP``,
-        ``SmallCNN`` and ``ResNet`` are.
+        The model; left as it was (its training flags are restored, nothing is updated).
+    input_shape : sequence of int
+        Shape of one example, e.g. ``(C, H, W)``.
+
+    Returns
+    -------
+    PermutationSpec
+        Checked with :func:`validate_spec`.
+
+    Raises
+    ------
+    UnsupportedModel
+        Naming the first thing that is not a plain chain: a node joining two tensors (a
+        residual sum, a concatenation), a layer or function the walk does not know, a layer
+        called twice (shared weights), a parameter used directly, or a trace failure.
+    """
+    try:
+        graph_module = fx.symbolic_trace(model)
+    except Exception as err:  # noqa: BLE001 - any trace failure means "not derivable"
+        raise UnsupportedModel(f"torch.fx cannot trace it ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:200]})") from None
+    modules = dict(model.named_modules())
+    flags = {name: m.training for name, m in modules.items()}
+    param = next(model.parameters(), None)
+    example = torch.zeros(2, *input_shape, device=param.device if param is not None else None,
+                          dtype=param.dtype if param is not None and param.is_floating_point()
+                          else None)
+    try:
+        graph_module.eval()
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(example)
+    except Exception as err:  # noqa: BLE001
+        raise UnsupportedModel(f"its forward fails on an input of shape {tuple(example.shape)} "
+                               f"({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+                               ) from None
+    finally:
+        # The traced module shares its layers with the model: put every flag back.
+        for name, m in modules.items():
+            m.training = flags[name]
+
+    state: dict[fx.Node, tuple[str, int]] = {}
+    groups: dict[str, _Pending] = {}
+    fixed: list[tuple[str, int]] = []
+    called: set[str] = set()
+    output_state: tuple[str, int] | None = None
+
+    def consume(source: tuple[str, int], module: str) -> None:
+        group, block = source
+        if group == _INPUT:
+            fixed.append((f"{module}.weight", 1))
+        else:
+            groups[group].consumers.append((module, block))
+
+    def produce_fixed(module: str) -> list[str]:
+        mod = modules[module]
+        if isinstance(mod, _BatchNorm):
+            return (["weight", "bias"] if mod.affine else []) + (
+                ["running_mean", "running_var"] if mod.track_running_stats else [])
+        return ["weight"] + (["bias"] if getattr(mod, "bias", None) is not None else [])
+
+    for node in graph_module.graph.nodes:
+        inputs = [a for a in node.all_input_nodes if a in state]
+        shape = _shape(node)
+        if node.op == "placeholder":
+            if state:
+                raise UnsupportedModel(f"its forward takes more than one input ({node.name})")
+            state[node] = (_INPUT, 1)
+            continue
+        if node.op == "output":
+            result = node.args[0]
+            if not isinstance(result, fx.Node) or result not in state:
+                raise UnsupportedModel("its forward does not return a single tensor")
+            output_state = state[result]
+            continue
+        if shape is None:
+            continue  # sizes and shapes (x.size(0)) carry no units
+        if node.op == "get_attr":
+            raise UnsupportedModel(f"its forward uses the tensor {node.target!r} directly, not "
+                                   "through a layer")
+        # Every tensor node either gets a state or stops the walk, so the inputs not in
+        # `state` are sizes; a tensor built from none of the traced ones (a constant, a piece
+        # of a split) has no units the walk can follow.
+        if len(inputs) > 1:
+            raise UnsupportedModel(f"{_op_name(node)} joins {len(inputs)} tensors "
+                                   f"({', '.join(a.name for a in inputs)}: a residual sum or a "
+                                   "concatenation)")
+        if not inputs:
+            raise UnsupportedModel(f"{_op_name(node)} makes a tensor the walk cannot follow")
+        source = state[inputs[0]]
+        in_shape = _shape(inputs[0]) or ()
+        if node.op == "call_module":
+            name = str(node.target)
+            mod = modules[name]
+            # A parameter-free layer (one ReLU object used after every conv) may be reused;
+            # a layer with weights or statistics called twice ties two groups together.
+            if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+                if name in called:
+                    raise UnsupportedModel(f"layer {name!r} is called twice (shared weights)")
+                called.add(name)
+            if isinstance(mod, _WEIGHTED):
+                rank = 2 if isinstance(mod, nn.Linear) else 2 + {nn.Conv1d: 1, nn.Conv2d: 2,
+                                                                   nn.Conv3d: 3}[type(mod)]
+                if len(in_shape) != rank or getattr(mod, "groups", 1) != 1:
+                    raise UnsupportedModel(f"{type(mod).__name__} {name!r} gets an input of "
+                                           f"shape {in_shape} (or is grouped); a chain feeds a "
+                                           f"Linear [n, features] and a Conv [n, C, ...]")
+                consume(source, name)
+                size = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+                groups[name] = _Pending(int(size), [name], probe=name)
+                state[node] = (name, 1)
+            elif isinstance(mod, _BatchNorm):
+                group, block = source
+                if block != 1:
+                    raise UnsupportedModel(f"BatchNorm {name!r} normalises a flattened "
+                                           "feature map (per position, not per channel)")
+                if group == _INPUT:
+                    fixed.extend((f"{name}.{key}", 0) for key in produce_fixed(name))
+                else:
+                    groups[group].producers.append(name)
+                    groups[group].probe = name
+                state[node] = source
+            elif isinstance(mod, nn.Flatten):
+                state[node] = _flattened(node, source, in_shape, shape)
+            elif isinstance(mod, _UNIT_WISE_MODULES):
+                state[node] = source
+            else:
+                raise UnsupportedModel(f"it has a {type(mod).__name__} layer ({name!r}) the "
+                                       "automatic derivation does not know")
+        elif node.op == "call_function" and node.target in _FLATTENS_FUNCTIONS or (
+                node.op == "call_method" and node.target in _FLATTENS_METHODS):
+            state[node] = _flattened(node, source, in_shape, shape)
+        elif (node.op == "call_function" and node.target in _UNIT_WISE_FUNCTIONS + _ARITHMETIC
+              or node.op == "call_method" and node.target in _UNIT_WISE_METHODS):
+            # Pooling may shrink the spatial axes; the batch and unit axes must stay.
+            if len(shape) != len(in_shape) or shape[:2] != in_shape[:2]:
+                raise UnsupportedModel(f"{_op_name(node)} changes the shape {in_shape} to "
+                                       f"{shape}")
+            state[node] = source
+        else:
+            raise UnsupportedModel(f"it calls {_op_name(node)}, which the automatic "
+                                   "derivation does not know")
+
+    b = SpecBuilder(model)
+    out_group = output_state[0] if output_state is not None else _INPUT
+    for name, pending in groups.items():
+        if name == out_group:
+            continue
+        b.group(name, pending.size)
+        for module in pending.producers:
+            b.produces(name, module)
+        for module, block in pending.consumers:
+            b.consumes(name, module, block)
+        b.probe(name, pending.probe)
+    for key, axis in fixed:
+        b.fix(key, axis)
+    if out_group != _INPUT:
+        # The last group's units are the model's outputs (the classes): never permuted.
+        for module in groups[out_group].producers:
+            for key in produce_fixed(module):
+                b.fix(f"{module}.{key}", 0)
+        for module, _ in groups[out_group].consumers:
+            b.fix(f"{module}.weight", 1)
+    spec = b.build()
+    try:
+        validate_spec(spec, model)
+    except ValueError as err:
+        raise UnsupportedModel(f"the derived spec does not cover it ({err})") from None
+    return spec
+
+
+def _flattened(node: fx.Node, source: tuple[str, int], in_shape: tuple[int, ...],
+               shape: tuple[int, ...]) -> tuple[str, int]:
+    """The group and block after a reshape that must be a flatten ``[n, C, ...] -> [n, -1]``."""
+    if shape == in_shape:
+        return source
+    if (len(shape) == 2 and len(in_shape) >= 2 and shape[0] == in_shape[0]
+            and shape[1] == math.prod(in_shape[1:])):
+        # Flatten is channel-major: each unit owns prod(spatial) consecutive features.
+        return source[0], source[1] * math.prod(in_shape[2:])
+    raise UnsupportedModel(f"{_op_name(node)} reshapes {in_shape} to {shape}, which is not a "
+                           "flatten [n, C, ...] -> [n, C * ...]")
+
+
+def permutation_spec(model: nn.Module,
+                     input_shape: Sequence[int] | None = None) -> PermutationSpec:
+    """The permutation spec of ``model``: the user's, a registered builder's, or derived.
+
+    Looked up in this order:
+
+    1. a spec function supplied beside the user's model factory (``model =
+       "module:make_net"``): ``make_net.permutation_spec``, else a module-level
+       ``permutation_spec(model) -> PermutationSpec`` in ``module``;
+    2. the builder registered for the model's class or a base class
+       (:func:`register_spec`; fedwa's ``MLP``, ``SmallCNN`` and ``ResNet`` have one);
+    3. :func:`derive_spec`, for a plain Conv/Linear/BatchNorm chain, traced on an input of
+       ``input_shape`` (default: the shape the user's factory was built for).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    input_shape : sequence of int, optional
+        Shape of one example, for step 3 when the model was not built by
+        :func:`fedwa.models.build_model`.
 
     Returns
     -------
@@ -364,19 +646,46 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
     Raises
     ------
     TypeError
-        If no builder is registered for the model's class.
+        If no spec is supplied or registered and none can be derived; the message says why.
     ValueError
-        If the builder's spec does not fit the model.
+        If a supplied or registered spec does not fit the model.
     """
+    from fedwa.models import model_origin
+
+    origin = model_origin(model)
+    if origin is not None and origin.spec_fn is not None:
+        spec = origin.spec_fn(model)
+        if not isinstance(spec, PermutationSpec):
+            raise TypeError(f"the permutation_spec beside {origin.name} returned a "
+                            f"{type(spec).__name__}, not a fedwa.alignment.PermutationSpec")
+        validate_spec(spec, model)
+        return spec
     for cls in type(model).__mro__:
         if cls in SPEC_BUILDERS:
             spec = SPEC_BUILDERS[cls](model)
             validate_spec(spec, model)
             return spec
-    raise TypeError(
-        f"no permutation spec registered for {type(model).__name__}; "
-        "add one with fedwa.alignment.register_spec"
-    )
+    how = ("register one with fedwa.alignment.register_spec or put a permutation_spec(model) "
+           "function beside the model factory")
+    shape = input_shape if input_shape is not None else (
+        origin.input_shape if origin is not None else None)
+    if shape is None:
+        raise TypeError(f"no permutation spec registered for {type(model).__name__}; {how}, "
+                        "or pass input_shape to derive one")
+    key = (type(model), tuple(shape),
+           tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    if key not in _DERIVED:
+        try:
+            _DERIVED[key] = derive_spec(model, shape)
+        except UnsupportedModel as err:
+            raise TypeError(f"no permutation spec for {type(model).__name__}: it is not a plain "
+                            f"Conv/Linear/BatchNorm chain, as {err}; {how}") from None
+    return _DERIVED[key]
+
+
+# Derived specs by (class, input shape, state-dict shapes): DIMAT asks for the spec in every
+# merge, and tracing costs milliseconds that add up.
+_DERIVED: dict[tuple[object, ...], PermutationSpec] = {}
 
 
 def validate_spec(spec: PermutationSpec, model: nn.Module | Mapping[str, Tensor]) -> None:

@@ -46,7 +46,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
 from fedwa.arrays import record_named, to_record, to_state_dict
-from fedwa.errors import CheckpointError
+from fedwa.errors import CheckpointError, UnsavableStateError
 from fedwa.results import read_rounds, write_durably
 
 log = logging.getLogger("fedwa")
@@ -248,10 +248,31 @@ class Checkpointer:
         self.evaluated_model = evaluated_model
         self.seconds = 0.0
         self.last_round: int | None = None
+        #: Why this run cannot be checkpointed (its strategy holds state that is not data).
+        self.unsavable: str | None = None
+        if self.every:
+            self._strategy_state()  # say it now, not after the first round
+
+    def _strategy_state(self) -> dict[str, Any] | None:
+        """The strategy's state, or None (said once, checkpoints off) when it is not data."""
+        try:
+            if not callable(getattr(self.strategy, "state_dict", None)):
+                raise UnsavableStateError("it has no state_dict()")
+            return self.strategy.state_dict()
+        except UnsavableStateError as err:
+            self.unsavable = str(err)
+            self.every = 0
+            log.warning("checkpoints are off: strategy %s holds state a checkpoint cannot "
+                        "store (%s), so this run cannot be resumed",
+                        type(self.strategy).__name__, err)
+            return None
 
     def __call__(self, server_round: int, arrays: ArrayRecord | None) -> None:
         last = server_round == self.total_rounds
         if self.every == 0 or (server_round % self.every and not last):
+            return
+        state = self._strategy_state()
+        if state is None:
             return
         if not last and time.monotonic() - self.last_written < self.min_seconds:
             return
@@ -265,7 +286,7 @@ class Checkpointer:
             "round": server_round,
             "total_rounds": self.total_rounds,
             "arrays": dict(to_state_dict(arrays)) if arrays is not None else None,
-            "strategy": self.strategy.state_dict(),
+            "strategy": state,
             "client_models": client_models,
             "rng": rng_state(),
             "records_count": self.writer.rounds_written,

@@ -70,15 +70,23 @@ def set_log_levels(verbose: bool) -> None:
 def check_runnable(config: Mapping[str, Any]) -> None:
     """Everything that can be checked before an engine starts: data files and the partition."""
     from fedwa.errors import DataNotFoundError
-    from fedwa.task import federated_data
+    from fedwa.task import check_model_fits, federated_data, make_model
 
     from strategies import build_strategy
 
     try:
-        federated_data(config)
+        data = federated_data(config)
     except DataNotFoundError as err:
         raise ConfigError("data-root", config["data-root"], str(err)) from None
-    build_strategy(config)  # a strategy may check keys against each other (IMWA's budget)
+    # A strategy may check keys against each other (IMWA's budget), its constructor
+    # arguments (strategy-args) and the model it will average (the DP wrappers).
+    strategy = build_strategy(config)
+    # A user's model is built and run once, and DIMAT's permutation spec looked up, so that a
+    # bad plug-in is one line here rather than a failed first round.
+    check_model_fits(config, data, strategy)
+    check_model = getattr(strategy, "check_model", None)
+    if check_model is not None:
+        check_model(make_model(config, data).state_dict())
 
 
 # --- running ----------------------------------------------------------------------------------

@@ -255,9 +255,34 @@ def train_reply(job: TrainJob, stats: dict[str, float]) -> Message:
         # keeping none takes the received ones, as in "averaged" mode.
         job.context.state[LATE_PHASE_MEMBERS_KEY] = to_record(member_state(state))
     names = round_config.get("return-names") or list(job.message.content["arrays"].keys())
+    returned = partial.select(state, names)
+    if CLIPPING_NORM_KEY in round_config:
+        returned = clip_update(returned, job.message.content["arrays"],
+                               float(round_config[CLIPPING_NORM_KEY]))
+        metrics["clipping-norm"] = float(round_config[CLIPPING_NORM_KEY])
     metrics["seconds"] = time.perf_counter() - job.started
-    return Message(RecordDict({"arrays": to_record(partial.select(state, names)),
+    return Message(RecordDict({"arrays": to_record(returned),
                                "metrics": MetricRecord(metrics)}), reply_to=job.message)
+
+
+#: The round-config key Flower's client-side fixed-clipping DP wrapper
+#: (``DifferentialPrivacyClientSideFixedClipping``) sends its clipping norm under.
+CLIPPING_NORM_KEY = "clipping_norm"
+
+
+def clip_update(new: dict[str, torch.Tensor], sent: ArrayRecord, clipping_norm: float
+                ) -> dict[str, torch.Tensor]:
+    """``sent + update * min(1, C / ||update||)``, ``update = new - sent`` over all arrays.
+
+    Flat clipping of the whole model update (McMahan et al., ICLR 2018, arXiv 1710.06963),
+    what Flower's ``fixedclipping_mod`` does; fedwa's ClientApp applies it itself because its
+    messages carry the run config as a second ConfigRecord, which that mod refuses.
+    """
+    received = to_state_dict(sent)
+    update = {k: v.double() - received[k].double() for k, v in new.items()}
+    norm = float(torch.sqrt(sum((u * u).sum() for u in update.values())))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    return {k: (received[k].double() + update[k] * scale).to(new[k].dtype) for k in new}
 
 
 @app.train()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -121,17 +122,42 @@ def closed_fraction(value: float) -> str | None:
 # --- the core keys ----------------------------------------------------------------------------
 
 # Names are listed here rather than imported, so reading the config never imports torch.
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic", "npz")
 MODELS = ("mlp", "cnn", "resnet20", "resnet32")
+# The shape of an import path `module:function` (as fedwa.plugins.IMPORT_PATH). Only the shape
+# is checked here; the plug-in is imported and called once the run's data is loaded
+# (fedwa.cli.check_runnable), where its errors name the same key.
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def name_or_import_path(names: tuple[str, ...], what: str) -> Check:
+    """A check: one of ``names``, or an import path ``module:function`` (``what`` it names)."""
+    def check(value: str) -> str | None:
+        if value in names or _IMPORT_PATH.fullmatch(value):
+            return None
+        return f"one of {', '.join(names)}, or an import path module:function naming {what}"
+    return check
+
 PARTITIONS = ("iid", "dirichlet", "shards", "replicas", "classes")
 
 CORE_KEYS: tuple[Key, ...] = (
-    Key("dataset", "digits", "Dataset.", choices=DATASETS),
-    Key("data-root", "", "Folder with the dataset files ('' = built-in search paths only)."),
+    Key("dataset", "digits", "Dataset: " + ", ".join(DATASETS) + " (train.npz/test.npz in "
+        "data-root), or `module:function`, your own loader returning (train, test, "
+        "class_names).", check=name_or_import_path(
+            DATASETS, "a loader load() or load(data_root) that returns (train, test, "
+            "class_names)")),
+    Key("data-root", "", "Folder with the dataset files ('' = built-in search paths only; "
+        "dataset = npz: the folder of train.npz and test.npz)."),
     Key("download", False, "Let torchvision download a missing dataset (needs the network)."),
-    Key("model", "cnn", "Model architecture.", choices=MODELS),
+    Key("model", "cnn", "Model: " + ", ".join(MODELS) + ", or `module:function`, your own "
+        "factory make_net(input_shape, num_classes) returning a torch.nn.Module.",
+        check=name_or_import_path(MODELS, "a factory make_net(input_shape, num_classes) that "
+                                  "returns a torch.nn.Module")),
     Key("model-width", 1, "Width multiplier of the model.", check=at_least(1)),
     Key("strategy", "fedavg", "Strategy: a registered name or `module:Class`."),
+    Key("strategy-args", "", "Constructor arguments of a `module:Class` strategy fedwa does "
+        "not fill itself, as a TOML inline table in a string, e.g. \"{q = 0.2}\"; a wrapper's "
+        "inner strategy as strategy = 'name' with its own strategy-args = {...} table."),
     Key("seed", 0, "Seed of init, long tail, partition, sampling and shuffles.", check=at_least(0)),
     Key("output-dir", "runs", "Folder that receives one sub-folder per run."),
     Key("run-name", "", "Name of the run's folder ('' = strategy-dataset-seed-time)."),
@@ -370,6 +396,9 @@ def load_toml(path: str | Path) -> dict[str, Scalar]:
         table = table.get(part) if isinstance(table, dict) else None
     if not isinstance(table, dict):
         table = data.get("config") if isinstance(data.get("config"), dict) else data
+    table = dict(table)
+    if isinstance(table.get("strategy-args"), dict):  # the one key that holds a table
+        table["strategy-args"] = inline_table(table["strategy-args"])
     nested = [name for name, value in table.items() if isinstance(value, (dict, list))]
     if nested:
         raise ConfigError(nested[0], table[nested[0]], "a single value: the run config is flat")
@@ -400,6 +429,18 @@ def toml_value(value: Scalar) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
+
+
+def inline_table(table: Mapping[str, Any]) -> str:
+    """``table`` written as a TOML inline table (scalars, lists and nested tables)."""
+    def literal(value: Any) -> str:
+        if isinstance(value, Mapping):
+            return inline_table(value)
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(literal(v) for v in value) + "]"
+        return toml_value(value)
+
+    return "{" + ", ".join(f'"{k}" = {literal(v)}' for k, v in table.items()) + "}"
 
 
 def to_record(config: Mapping[str, Scalar]) -> dict[str, Scalar]:

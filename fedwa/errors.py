@@ -34,3 +34,8 @@ class TooFewRepliesError(AllClientsFailedError):
 
 class CheckpointError(FedwaError):
     """A run folder cannot be resumed: no checkpoint, or one this run cannot continue."""
+
+
+class UnsavableStateError(FedwaError):
+    """A strategy holds state that a checkpoint cannot store as data (the run goes on, but
+    cannot be resumed)."""

@@ -1,4 +1,7 @@
-"""Model zoo: a small MLP, a small BatchNorm CNN and CIFAR-style ResNet-20/32.
+"""Model zoo: a small MLP, a small BatchNorm CNN and CIFAR-style ResNet-20/32, or the user's own.
+
+``model = "module:function"`` names the user's factory instead (see :data:`FACTORY_CONTRACT`
+and :func:`build_model`).
 
 Every model names its final linear layer ``classifier`` and keeps a plain layer-by-layer
 structure (named submodules, no weight tying, no in-place activations), because later code
@@ -7,12 +10,91 @@ reads the classifier on its own and aligns hidden units across models layer by l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
 from fedwa.errors import ConfigError
+from fedwa.plugins import accepts, has_parameter, is_import_path, load_callable, signature_text
 
 MODEL_NAMES = ("mlp", "cnn", "resnet20", "resnet32")
+
+#: What a user's model factory (``model = "module:function"``) must be; quoted in errors.
+FACTORY_CONTRACT = ("an import path module:function naming a factory "
+                    "make_net(input_shape, num_classes) that returns a torch.nn.Module")
+
+# Where build_model leaves a user model's origin (see ModelOrigin); read by fedwa.alignment.
+ORIGIN_ATTR = "_fedwa_origin"
+
+
+@dataclass(frozen=True)
+class ModelOrigin:
+    """How a user's model was built: what the permutation-spec lookup needs to know.
+
+    Attributes
+    ----------
+    name : str
+        The ``model`` value, ``"module:function"``.
+    input_shape : tuple of int
+        ``(C, H, W)`` the factory was called with (automatic spec derivation traces the model
+        on an input of this shape).
+    num_classes : int
+        Number of outputs asked for.
+    spec_fn : callable or None
+        The user's ``permutation_spec(model) -> PermutationSpec`` found beside the factory:
+        the factory's own ``permutation_spec`` attribute, else a module-level function
+        ``permutation_spec`` (see :func:`fedwa.alignment.permutation_spec`).
+    """
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    spec_fn: Callable[[nn.Module], Any] | None = None
+
+
+def model_origin(model: nn.Module) -> ModelOrigin | None:
+    """The :class:`ModelOrigin` of a model built from a user's factory, else ``None``."""
+    origin = getattr(model, ORIGIN_ATTR, None)
+    return origin if isinstance(origin, ModelOrigin) else None
+
+
+def _user_spec_fn(factory: Any, module: Any) -> Callable[[nn.Module], Any] | None:
+    from fedwa import alignment
+
+    for candidate in (getattr(factory, "permutation_spec", None),
+                      getattr(module, "permutation_spec", None)):
+        # `from fedwa.alignment import permutation_spec` in the user's module is fedwa's own
+        # lookup, not a spec of theirs: calling it from the lookup would recurse.
+        if callable(candidate) and candidate is not alignment.permutation_spec:
+            return candidate
+    return None
+
+
+def _build_user_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
+                      width: int) -> nn.Module:
+    factory, module = load_callable("model", name, FACTORY_CONTRACT)
+    kwargs = {"width": width} if has_parameter(factory, "width") else {}
+    if width != 1 and not kwargs:
+        raise ConfigError("model-width", width, f"1 with model = {name!r}: "
+                          f"{signature_text(factory)} takes no width parameter")
+    if not accepts(factory, input_shape, num_classes, **kwargs):
+        raise ConfigError("model", name, f"{FACTORY_CONTRACT}; {signature_text(factory)} "
+                          "cannot be called as make_net(input_shape, num_classes)")
+    model = factory(input_shape, num_classes, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model", name, f"{FACTORY_CONTRACT}; it returned a "
+                          f"{type(model).__name__}")
+    if not any(p.is_floating_point() for p in model.parameters()):
+        raise ConfigError("model", name, f"{FACTORY_CONTRACT}; {type(model).__name__} has no "
+                          "floating-point parameters to train")
+    # A plain attribute (not a submodule or buffer): it stays out of the state dict that
+    # travels, and moves with the model through deepcopy.
+    object.__setattr__(model, ORIGIN_ATTR, ModelOrigin(name, tuple(input_shape), num_classes,
+                                                       _user_spec_fn(factory, module)))
+    return model
 
 
 class MLP(nn.Module):
@@ -140,7 +222,10 @@ def build_model(
     Parameters
     ----------
     name : str
-        One of :data:`MODEL_NAMES`.
+        One of :data:`MODEL_NAMES`, or ``"module:function"``: the user's factory, called as
+        ``function(input_shape, num_classes)`` (plus ``width=`` when it takes a ``width``
+        parameter) under the same seeding, and returning a ``torch.nn.Module``. Name its last
+        linear layer ``classifier`` if late-phase heads should find it.
     input_shape : tuple of int
         ``(channels, height, width)`` of one example.
     num_classes : int
@@ -159,12 +244,14 @@ def build_model(
     Raises
     ------
     ConfigError
-        If ``name`` is not a known model.
+        If ``name`` is not a known model, or a user factory cannot be imported or called as
+        ``make_net(input_shape, num_classes)`` or returns no ``nn.Module`` (key ``model``).
     ValueError
         If ``input_shape``, ``num_classes`` or ``width`` is malformed.
     """
-    if name not in MODEL_NAMES:
-        raise ConfigError("model", name, "one of " + ", ".join(MODEL_NAMES))
+    if name not in MODEL_NAMES and not is_import_path(name):
+        raise ConfigError("model", name, "one of " + ", ".join(MODEL_NAMES) + ", or " +
+                          FACTORY_CONTRACT)
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ValueError(f"input_shape must be (channels, height, width), got {input_shape!r}")
     if num_classes < 1 or width < 1:
@@ -179,6 +266,8 @@ def build_model(
         # accelerator backend, formatting a stack trace each time (a third of building a
         # small model), although init runs on the CPU.
         torch.default_generator.manual_seed(seed)
+        if is_import_path(name):
+            return _build_user_model(name, (c, h, w), num_classes, width)
         if name == "mlp":
             return MLP(c * h * w, 128 * width, num_classes)
         if name == "cnn":

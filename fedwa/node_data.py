@@ -8,6 +8,10 @@ data-dir='/data/site-a'"`` and put two files there:
   is: the model's input shape) and ``y`` (integer labels in ``0 .. num_classes - 1``);
 - ``test.npz`` (same arrays, optional): the node's own test split.
 
+The same two files make the ``npz`` dataset of a simulation (``dataset = "npz"``,
+``data-root`` = the folder; there ``test.npz`` is required), checked by the same
+:func:`check_examples`, so a simulation and a deployment can read the very same files.
+
 With ``evaluation = "federated"`` the server holds no test set: every node evaluates the
 global model on its test split (``test.npz``, or a stratified ``local-test-fraction`` of its
 data, held out from training and seeded by run seed and partition) and returns per-class
@@ -40,6 +44,91 @@ class NodeData:
     y_test: torch.Tensor | None = None
 
 
+def check_examples(x: Any, y: Any, where: str, num_classes: int | None = None,
+                   input_shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check one split of examples and return it as ``float32`` images and ``int64`` labels.
+
+    The one set of rules for examples fedwa did not make itself: a SuperNode's ``data-dir``
+    files, the ``npz`` dataset and a user's dataset function.
+
+    Parameters
+    ----------
+    x : torch.Tensor or numpy.ndarray
+        Images ``[n, C, H, W]`` of a floating-point dtype (converted to float32), all finite.
+    y : torch.Tensor or numpy.ndarray
+        ``n`` labels of an integer dtype.
+    where : str
+        What the examples are ("train.npz", "the train split"), named in the message.
+    num_classes : int, optional
+        When given, labels must lie in ``0 .. num_classes - 1``.
+    input_shape : tuple of int, optional
+        When given, ``x.shape[1:]`` must equal it.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(x, y)``; tensors that already had these dtypes are not copied.
+
+    Raises
+    ------
+    FedwaError
+        Naming ``where`` and the first rule broken.
+    """
+    arrays = []
+    for name, a in (("x", x), ("y", y)):
+        if isinstance(a, np.ndarray):
+            if a.dtype == object or a.dtype.kind in "USV":
+                raise FedwaError(f"{where}: {name} has dtype {a.dtype}, not numbers")
+            a = torch.from_numpy(np.ascontiguousarray(a))
+        elif not isinstance(a, torch.Tensor):
+            raise FedwaError(f"{where}: {name} is a {type(a).__name__}; expected a torch "
+                             "tensor or a numpy array")
+        arrays.append(a)
+    x, y = arrays
+    if not x.is_floating_point():
+        # Raw pixels (uint8) would train, badly: the scale is the user's to choose.
+        raise FedwaError(f"{where}: x has dtype {x.dtype}; expected floating point (float32), "
+                         "already scaled and normalised (e.g. x / 255)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise FedwaError(f"{where}: y has dtype {y.dtype}; expected integer class labels")
+    if x.ndim != 4 or (input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape)):
+        shape = ", ".join(map(str, input_shape)) if input_shape is not None else "C, H, W"
+        raise FedwaError(f"{where}: x has shape {tuple(x.shape)} and y {tuple(y.shape)}; "
+                         f"expected x of [n, {shape}] and n > 0 labels")
+    if y.ndim != 1 or len(x) != len(y) or not len(y):
+        raise FedwaError(f"{where}: x has shape {tuple(x.shape)} and y {tuple(y.shape)}; "
+                         "expected as many labels as images (y of shape [n], n > 0)")
+    x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise FedwaError(f"{where}: x holds NaN or infinite values")
+    y = y.to(torch.int64)
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        allowed = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
+        raise FedwaError(f"{where}: labels run from {low} to {high}; y must hold whole "
+                         f"numbers in {allowed}")
+    return x, y
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of one ``.npz`` file (``x``, ``y`` and optionally ``class_names``).
+
+    Raises
+    ------
+    FedwaError
+        If the file is not a readable npz archive or lacks ``x`` or ``y``.
+    """
+    try:
+        # allow_pickle stays off: a data file must never run code.
+        with np.load(path, allow_pickle=False) as arrays:
+            found = {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError) as err:
+        raise FedwaError(f"{path} is not a readable .npz file ({err})") from None
+    if "x" not in found or "y" not in found:
+        raise FedwaError(f"{path} must hold arrays 'x' and 'y', it has {sorted(found)}")
+    return found
+
+
 @functools.lru_cache(maxsize=8)
 def _load_folder(folder: str, stamp: float, input_shape: tuple[int, ...],
                  num_classes: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
@@ -53,17 +142,9 @@ def _load_folder(folder: str, stamp: float, input_shape: tuple[int, ...],
                                  "expected train.npz (and optionally test.npz) with arrays "
                                  "x and y")
             continue
-        with np.load(path) as arrays:
-            if "x" not in arrays or "y" not in arrays:
-                raise FedwaError(f"{path} must hold arrays 'x' and 'y', it has "
-                                 f"{sorted(arrays.files)}")
-            x, y = np.asarray(arrays["x"], dtype=np.float32), np.asarray(arrays["y"])
-        if tuple(x.shape[1:]) != tuple(input_shape) or len(x) != len(y) or not len(y):
-            raise FedwaError(f"{path}: x has shape {x.shape} and y {y.shape}; expected x of "
-                             f"[n, {', '.join(map(str, input_shape))}] and n > 0 labels")
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
-            raise FedwaError(f"{path}: y must hold whole numbers in 0..{num_classes - 1}")
-        parts.append((torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))))
+        arrays = read_npz(path)
+        parts.append(check_examples(arrays["x"], arrays["y"], str(path), num_classes,
+                                    tuple(input_shape)))
     return tuple(parts)
 
 

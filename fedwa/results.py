@@ -46,9 +46,11 @@ def unique_dir(parent: str | Path, name: str) -> Path:
 
 
 def default_run_name(config: Mapping[str, Any]) -> str:
-    strategy = str(config["strategy"]).replace(":", ".").replace("/", ".")
+    def plain(name: Any) -> str:  # module:Class plug-ins, without a path separator
+        return str(name).replace(":", ".").replace("/", ".")
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{strategy}-{config['dataset']}-s{config['seed']}-{stamp}"
+    return f"{plain(config['strategy'])}-{plain(config['dataset'])}-s{config['seed']}-{stamp}"
 
 
 def write_json(path: Path, obj: Any) -> None:

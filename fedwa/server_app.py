@@ -31,7 +31,8 @@ from fedwa.metrics import classification_report, evaluate_model, report_from_cou
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
 from fedwa.rounds import run_rounds
 from fedwa.shadow import evaluation_seed, reseed_shadow
-from fedwa.task import federated_data, make_model, make_plain_model, shot_options
+from fedwa.task import (check_model_fits, federated_data, make_model, make_plain_model,
+                        shot_options)
 from fedwa.training import configure_threads, resolve_device, round_lr
 from strategies import build_strategy
 from strategies.base import example_weighted
@@ -85,6 +86,10 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     data = federated_data(config)
     model = make_model(config, data)
     strategy = build_strategy(config)
+    check_model_fits(config, data, strategy)  # a user's model; DIMAT's permutation spec
+    check_model = getattr(strategy, "check_model", None)
+    if check_model is not None:
+        check_model(model.state_dict())
     checkpoint = None
     if config["resume"]:
         run_dir = Path(config["resume"])

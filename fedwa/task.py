@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from fedwa.data import FederatedData, build_federated_data
+from fedwa.data import FederatedData, build_federated_data, data_stamp
 from fedwa.errors import ConfigError
 from fedwa.late_phase import add_late_phase
 from fedwa.models import build_model
@@ -33,6 +33,7 @@ def federated_data(config: Mapping[str, Any]) -> FederatedData:
         imbalance_type=str(config["imbalance-type"]),
         server_val_fraction=float(config["server-val-fraction"]),
         download=bool(config["download"]),
+        data_stamp=data_stamp(str(config["dataset"]), str(config["data-root"]) or None),
     )
 
 
@@ -64,6 +65,76 @@ def make_model(config: Mapping[str, Any], data: FederatedData,
     initialisation) or ``seed``: with ``late-phase-k`` members of every BN layer and the head."""
     model = make_plain_model(config, data, seed)
     return add_late_phase(model, int(config.get("late-phase-k", 1)))
+
+
+def needs_permutation_spec(strategy: Any) -> bool:
+    """Whether a strategy aligns hidden units across models (DIMAT), so needs the model's spec.
+
+    A strategy says so with a ``needs_permutation_spec`` attribute; without one, a
+    decentralized strategy that aligns (``decentralized`` and ``align`` true) does.
+    """
+    explicit = getattr(strategy, "needs_permutation_spec", None)
+    if explicit is not None:
+        return bool(explicit)
+    return bool(getattr(strategy, "decentralized", False) and getattr(strategy, "align", False))
+
+
+def check_model_fits(config: Mapping[str, Any], data: FederatedData,
+                     strategy: Any = None) -> None:
+    """Check, before any engine starts, that the run's model can be built and used.
+
+    A user's factory (``model = "module:function"``) is built and run once on a batch of two
+    zero examples (eval mode, no gradients), which must give ``[2, num_classes]`` logits.
+    When ``strategy`` aligns hidden units (:func:`needs_permutation_spec`), the model's
+    permutation spec must exist (supplied, registered or derived).
+
+    Parameters
+    ----------
+    config : mapping
+        The resolved run config.
+    data : FederatedData
+        The run's data (input shape and number of classes).
+    strategy : object, optional
+        The built strategy.
+
+    Raises
+    ------
+    ConfigError
+        Key ``model``: one line naming the model and what is missing.
+    """
+    import torch
+
+    from fedwa.alignment import permutation_spec
+    from fedwa.plugins import is_import_path, one_line
+
+    name = str(config["model"])
+    model = make_plain_model(config, data)
+    if is_import_path(name):
+        shape = (2, *data.input_shape)
+        training = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            with torch.no_grad():
+                out = model(torch.zeros(shape))
+        except Exception as err:  # noqa: BLE001 - whatever the user's forward raises
+            raise ConfigError("model", name, f"a model whose forward maps a batch "
+                              f"{list(shape)} to [2, {data.num_classes}] logits; it raised "
+                              f"{type(err).__name__}: {one_line(err)[:300]}") from None
+        finally:
+            for module, flag in training.items():
+                module.training = flag
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
+            got = (list(out.shape) if isinstance(out, torch.Tensor)
+                   else f"a {type(out).__name__}")
+            raise ConfigError("model", name, f"a model whose forward maps a batch {list(shape)}"
+                              f" to [2, {data.num_classes}] logits (one per class); it gave "
+                              f"{got}")
+    if strategy is not None and needs_permutation_spec(strategy):
+        try:
+            permutation_spec(model, data.input_shape)
+        except (TypeError, ValueError) as err:
+            raise ConfigError("model", name, f"a model whose hidden units strategy "
+                              f"{config['strategy']!r} can align: {one_line(err)}") from None
 
 
 def shot_options(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 Besides the names below, ``strategy`` accepts an import path ``module:Class``. Such a class is
 built with ``Class.from_config(run_config)`` when it has that classmethod (every
-:class:`~strategies.base.FedwaStrategy` does), else with Flower's FedAvg keyword arguments.
+:class:`~strategies.base.FedwaStrategy` does). Any other Flower strategy class, Flower's own
+included, is adapted by :mod:`strategies.foreign`: fedwa's reply guard and sampling in front,
+its constructor arguments from the run config and ``strategy-args``, its checkpoints from its
+attributes.
 """
 
 from __future__ import annotations
@@ -70,12 +73,19 @@ def resolve_strategy_class(name: str) -> type:
 
 
 def build_strategy(config: Mapping[str, Any]) -> Any:
-    """Build the strategy named by ``config['strategy']`` from the resolved config."""
-    cls = resolve_strategy_class(str(config["strategy"]))
+    """Build the strategy named by ``config['strategy']`` from the resolved config.
+
+    Raises :class:`~fedwa.errors.ConfigError` when ``strategy-args`` does not fit the class.
+    """
+    from strategies.foreign import build_foreign
+
+    name = str(config["strategy"])
+    cls = resolve_strategy_class(name)
     if hasattr(cls, "from_config"):
+        if str(config.get("strategy-args", "")).strip():
+            raise ConfigError("strategy-args", config["strategy-args"],
+                              f"'' with strategy {name!r}: strategy-args gives constructor "
+                              "arguments to a Flower class named by module:Class; fedwa's own "
+                              "strategies take their own config keys")
         return cls.from_config(config)
-    fraction_evaluate = float(config["fraction-evaluate"])
-    return cls(fraction_train=float(config["fraction-train"]),
-               fraction_evaluate=fraction_evaluate, min_train_nodes=1,
-               min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
-               min_available_nodes=int(config["num-clients"]))
+    return build_foreign(cls, config)

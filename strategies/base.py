@@ -1,28 +1,116 @@
 """What every fedwa strategy shares: building from the run config, guarding against bad replies,
-seeded client sampling, and a hook that names the models to evaluate.
+seeded client sampling, a hook that names the models to evaluate, and ``start()`` for a
+Flower ServerApp of the user's own.
 
 :class:`FedwaStrategy` is a mixin placed before a Flower strategy class::
 
     class FedAvgM(FedwaStrategy, flwr.serverapp.strategy.FedAvgM): ...
 
 so Flower's own algorithms keep their math while gaining fedwa's guarantees.
+
+Two ways to run a strategy
+--------------------------
+fedwa's own ServerApp (``fedwa run``, ``flwr run .``) drives the hooks through
+:func:`fedwa.rounds.run_rounds` and evaluates with :class:`fedwa.server_app.CentralEvaluator`;
+it never calls :meth:`FedwaStrategy.start`. A user's own ServerApp calls
+``strategy.start(grid=..., initial_arrays=..., num_rounds=..., evaluate_fn=...)`` as with any
+Flower strategy: :meth:`FedwaStrategy.start` runs Flower's round loop, hands ``evaluate_fn`` the
+strategy's main model (the first of :meth:`~FedwaStrategy.models_to_evaluate`: SWA's average,
+TWA's fitted point, ...) and returns it in the ``Result``. A strategy that needs its ClientApp
+to do more than Flower's quickstart client does (partial averaging, WSA, TWA-t's gradient
+rounds) says so in :meth:`~FedwaStrategy.protocol_hint` and stops with
+:class:`ClientProtocolError` at the first round whose replies show a client ignoring it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
+                      RecordDict)
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy import Result
 
 from fedwa.arrays import array_view, record_named
 from fedwa.config import Key
-from fedwa.errors import TooFewRepliesError
+from fedwa.errors import FedwaError, TooFewRepliesError
 
 log = logging.getLogger("fedwa")
+
+#: Where a user's own Flower app finds what each strategy needs from its ClientApp.
+PROTOCOL_DOC = ("docs/flower-apps.md in fedwa's repository (the README's section 'fedwa "
+                "strategies in your own Flower app' links it)")
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+#: Flower strategies (flwr 1.41-1.42) whose ``configure_train`` / ``configure_evaluate`` only
+#: record something (FedProx's ``proximal-mu``, the arrays sent) before calling FedAvg's, which
+#: samples. fedwa samples for these itself, with a private generator; any other parent that
+#: defines the hook (it samples its own way) runs with the global `random` seeded for the call
+#: and restored after it.
+PRE_SAMPLING = frozenset({"FedAvgM", "FedProx", "FedOpt", "QFedAvg", "FedXgbBagging"})
+
+
+class ClientProtocolError(FedwaError):
+    """The replies show a ClientApp that does not follow a message protocol the strategy needs
+    (e.g. Flower's quickstart client under partial averaging). Retrying cannot help."""
+
+
+def ordered_node_ids(grid: Any) -> list[int]:
+    """The grid's node ids in a fixed order, so a seeded draw picks the same nodes.
+
+    :class:`fedwa.grid.FedwaGrid` already lists them in partition order (the same in every
+    run although Flower draws random node ids); any other grid is sorted by id.
+    """
+    nodes = list(grid.get_node_ids())
+    return nodes if hasattr(grid, "partition_of") else sorted(nodes)
+
+
+def sample_node_ids(grid: Any, rng: random.Random, fraction: float, min_nodes: int,
+                    min_available: int, *, poll_seconds: float = 1.0
+                    ) -> tuple[list[int], list[int]]:
+    """Sample nodes as Flower's FedAvg does, but with ``rng`` instead of the global `random`.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid (or :class:`fedwa.grid.FedwaGrid`).
+    rng : random.Random
+        The draw; seeding it fixes the sample for a given list of nodes.
+    fraction : float
+        Share of the connected nodes to sample (``fraction_train`` / ``fraction_evaluate``).
+    min_nodes : int
+        Sample at least this many (``min_train_nodes`` / ``min_evaluate_nodes``).
+    min_available : int
+        Wait until this many nodes (and at least the sample size) are connected.
+    poll_seconds : float, optional
+        Pause between checks while waiting, as Flower's ``sample_nodes`` does.
+
+    Returns
+    -------
+    tuple of (list of int, list of int)
+        The sampled node ids and all connected node ids.
+    """
+    # Sample size from the nodes connected now, then wait for enough of them: Flower's order.
+    size = max(int(len(ordered_node_ids(grid)) * fraction), min_nodes)
+    needed = max(min_available, size)
+    while len(nodes := ordered_node_ids(grid)) < needed:
+        log.info("waiting for nodes to connect: %d connected (minimum required: %d)",
+                 len(nodes), needed)
+        time.sleep(poll_seconds)
+    return rng.sample(nodes, size), nodes
+
+
+def node_messages(record: RecordDict, node_ids: Iterable[int], message_type: str
+                  ) -> list[Message]:
+    """One message per node, all carrying the same content (as Flower's FedAvg builds them)."""
+    return [Message(content=record, dst_node_id=node, message_type=message_type)
+            for node in node_ids]
 
 
 def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
@@ -88,8 +176,12 @@ class FedwaStrategy:
     - when fewer than ``min-available-clients`` replies are usable,
       :class:`~fedwa.errors.TooFewRepliesError` stops the round (Flower's FedAvg would quietly
       keep the old model); the round loop retries it ``round-retries`` times first;
-    - client sampling is seeded by run seed and round;
-    - the aggregate keeps the dtypes of the model that was sent.
+    - client sampling is seeded by run seed and round, with a private generator (the global
+      `random` state is left alone);
+    - the aggregate keeps the dtypes of the model that was sent;
+    - in a user's own ServerApp, :meth:`start` evaluates and returns the strategy's main model,
+      and a client that ignores the strategy's message protocol stops the first round with
+      :class:`ClientProtocolError`.
     """
 
     config_keys: ClassVar[tuple[Key, ...]] = ()
@@ -109,6 +201,10 @@ class FedwaStrategy:
         self.last_usable: list[Message] = []
         self.last_sampled = 0
         self.last_faults: dict[str, Any] = {}
+        #: Set by :meth:`start`: the strategy runs in a Flower ServerApp of the user's own.
+        self.in_stock_app = False
+        #: The last plain global model (the training model) of a :meth:`start` run.
+        self.training_arrays: ArrayRecord | None = None
 
     # --- construction -------------------------------------------------------------------------
 
@@ -135,6 +231,66 @@ class FedwaStrategy:
 
     # --- Flower hooks -------------------------------------------------------------------------
 
+    def sampling_rng(self, phase: str, server_round: int) -> random.Random:
+        """A private generator for one round's client sampling, seeded by run seed and round.
+
+        Private, so a user's app keeps its own global `random` state; seeded with the string
+        fedwa once passed to ``random.seed``, so the same seed draws the same clients as before.
+        """
+        return random.Random(f"fedwa-{phase}-{self.seed}-{server_round}")
+
+    def _samples_itself(self, hook: str) -> bool:
+        """Whether fedwa can sample for the Flower parent's ``hook`` (see :data:`PRE_SAMPLING`).
+
+        True when every Flower class after this mixin that defines ``hook`` only records
+        something before handing over to FedAvg's, which samples: fedwa then runs them with
+        the fraction at 0 (FedAvg's hook returns before it samples) and samples itself.
+        """
+        mro = type(self).__mro__
+        for cls in mro[mro.index(FedwaStrategy) + 1:]:
+            if hook not in vars(cls):
+                continue
+            if cls is FlowerFedAvg:
+                return True
+            if cls.__name__ not in PRE_SAMPLING or not cls.__module__.startswith("flwr."):
+                return False
+        return False
+
+    def _parent_hook(self, hook: str, phase: str, server_round: int, arrays: ArrayRecord,
+                     config: ConfigRecord, grid: Any, fraction_attr: str, min_attr: str,
+                     message_type: str) -> list[Message]:
+        """The Flower parent's ``hook``, with fedwa's seeded sampling and the global `random`
+        left as it was."""
+        parent = getattr(super(), hook)
+        rng = self.sampling_rng(phase, server_round)
+        if not self._samples_itself(hook):
+            # A parent that samples its own way (Flower's DP wrappers, FedXgbCyclic) draws from
+            # the global `random`: seed it for the call and put the user's state back after.
+            state = random.getstate()
+            random.setstate(rng.getstate())
+            try:
+                return list(parent(server_round, arrays, config, grid))
+            finally:
+                random.setstate(state)
+        fraction = getattr(self, fraction_attr)
+        setattr(self, fraction_attr, 0.0)
+        try:
+            leftover = list(parent(server_round, arrays, config, grid))
+        finally:
+            setattr(self, fraction_attr, fraction)
+        if leftover:
+            raise RuntimeError(f"the Flower parent of {type(self).__name__} sampled nodes in "
+                               f"{hook} with {fraction_attr} = 0; fedwa's seeded sampling "
+                               "does not fit this Flower version")
+        if fraction == 0.0:  # Flower's meaning: this phase is skipped
+            return []
+        node_ids, nodes = sample_node_ids(grid, rng, fraction, getattr(self, min_attr),
+                                          self.min_available_nodes)
+        log.info("%s: sampled %d nodes (out of %d)", hook, len(node_ids), len(nodes))
+        config["server-round"] = server_round  # as Flower does, every round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return node_messages(record, node_ids, message_type)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:
         self.sent_arrays = arrays
@@ -143,17 +299,17 @@ class FedwaStrategy:
             # (Flower's sampling would otherwise wait for them forever).
             self.min_available_nodes = (int(self.run_config["num-clients"]) if server_round == 1
                                         else int(self.run_config["min-available-clients"]))
-        # Flower samples with the `random` module over grid.get_node_ids(); FedwaGrid lists
-        # nodes in partition order, so seeding here fixes which clients train.
-        random.seed(f"fedwa-train-{self.seed}-{server_round}")
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._parent_hook("configure_train", "train", server_round, arrays, config,
+                                     grid, "fraction_train", "min_train_nodes",
+                                     MessageType.TRAIN)
         self.last_sampled = len(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Any) -> Iterable[Message]:
-        random.seed(f"fedwa-evaluate-{self.seed}-{server_round}")
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return self._parent_hook("configure_evaluate", "evaluate", server_round, arrays, config,
+                                 grid, "fraction_evaluate", "min_evaluate_nodes",
+                                 MessageType.EVALUATE)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -207,6 +363,8 @@ class FedwaStrategy:
             "rejected": [{"node": n, "reason": p} for n, p in self.last_failures] or None,
         }
         needed = int(self.run_config.get("min-available-clients", 1))
+        if self.in_stock_app:
+            self.check_protocol(server_round, usable, needed)
         if len(usable) < max(needed, 1):
             detail = "; ".join(f"node {n}: {p}" for n, p in self.last_failures[:3])
             if missing:
@@ -221,6 +379,37 @@ class FedwaStrategy:
         usable.sort(key=lambda r: (r.content["metrics"].get("partition-id", 0),
                                    r.metadata.src_node_id))
         return usable
+
+    def protocol_hint(self, server_round: int) -> str | None:
+        """What this round asks of the ClientApp beyond Flower's quickstart protocol (a model
+        in ``"arrays"`` and ``"config"`` in; ``"arrays"`` and ``"metrics"`` with
+        ``num-examples`` back), or None when a quickstart client is enough."""
+        return None
+
+    def protocol_problem(self, server_round: int, reply: Message) -> str | None:
+        """Why a usable reply shows that its client ignored :meth:`protocol_hint`, or None."""
+        return None
+
+    def check_protocol(self, server_round: int, usable: list[Message], needed: int) -> None:
+        """Stop with :class:`ClientProtocolError` when the replies show a client that ignores
+        this round's protocol: a usable reply that breaks it, or too few usable replies in a
+        round that asks for more than Flower's quickstart protocol (checked in :meth:`start`
+        runs only: fedwa's own ClientApp follows every protocol)."""
+        hint = self.protocol_hint(server_round)
+        if hint is None:
+            return
+        name = type(self).__name__
+        for reply in usable:
+            problem = self.protocol_problem(server_round, reply)
+            if problem is not None:
+                raise ClientProtocolError(
+                    f"{name}, round {server_round}: node {reply.metadata.src_node_id}: "
+                    f"{problem}. {hint} See {PROTOCOL_DOC}.")
+        if len(usable) < max(needed, 1):
+            detail = "; ".join(f"node {n}: {p}" for n, p in self.last_failures[:3])
+            raise ClientProtocolError(
+                f"{name}, round {server_round}: no usable reply ({detail or 'no replies'}). "
+                f"{hint} See {PROTOCOL_DOC}.")
 
     def aggregate_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         """Turn usable replies into the new global arrays (default: the Flower parent's math)."""
@@ -246,6 +435,94 @@ class FedwaStrategy:
         return both, e.g. ``{"swa": ..., "global": arrays}``.
         """
         return {"global": arrays}
+
+    def main_model(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The run's main model after ``server_round``: the first of :meth:`models_to_evaluate`."""
+        return next(iter(self.models_to_evaluate(server_round, arrays).values()))
+
+    # --- a user's own ServerApp -----------------------------------------------------------------
+
+    def bind_rounds(self, num_rounds: int) -> None:
+        """Re-derive what depends on the run's length (SWA's window start, IMWA's episodes,
+        ...) once :meth:`start` has written ``num-server-rounds`` into the run config."""
+
+    def start(self, grid: Any, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: EvaluateFn | None = None, *,
+              evaluate_all_models: bool = False) -> Result:
+        """Run the strategy in a Flower ServerApp of the user's own; return Flower's Result.
+
+        Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` with fedwa's method kept:
+        ``evaluate_fn`` gets the strategy's main model (the first of
+        :meth:`models_to_evaluate`: SWA's, EMA's and HWA's averages, TWA's fitted point) instead
+        of the training model, and ``Result.arrays`` is that model after the last round. The
+        training model stays in :attr:`training_arrays`. fedwa's own ServerApp does not use
+        this method (:func:`fedwa.rounds.run_rounds`).
+
+        Parameters
+        ----------
+        grid, initial_arrays, timeout, train_config, evaluate_config, evaluate_fn
+            As in Flower's ``Strategy.start``.
+        num_rounds : int, optional
+            Rounds of the run. A strategy built directly (``run_config`` empty) takes it as its
+            ``num-server-rounds``; one built from a run config must be started with that
+            config's value. The loop runs :meth:`total_rounds` rounds: IMWA's episodes,
+            HWA's synchronisations and TWA-t's extra gradient rounds may differ from it.
+        evaluate_all_models : bool, optional
+            Also pass the other models of :meth:`models_to_evaluate` (e.g. the training model
+            ``global``) to ``evaluate_fn``; their metrics join the round's record as
+            ``<name>_<metric>``.
+
+        Raises
+        ------
+        ValueError
+            ``num_rounds`` disagrees with the run config's ``num-server-rounds``.
+        ClientProtocolError
+            A client ignores what the strategy asks of it (:meth:`protocol_hint`).
+        """
+        configured = self.run_config.get("num-server-rounds")
+        if configured is None:
+            self.run_config["num-server-rounds"] = int(num_rounds)
+            self.bind_rounds(int(num_rounds))
+        elif int(configured) != int(num_rounds):
+            raise ValueError(f"{type(self).__name__} was built for num-server-rounds = "
+                             f"{configured} (its run_config) but start() got num_rounds = "
+                             f"{num_rounds}: pass num_rounds={configured}, or build the "
+                             "strategy without a run_config")
+        rounds = self.total_rounds()
+        if rounds != num_rounds:
+            log.info("%s runs %d server rounds for num_rounds = %d", type(self).__name__,
+                     rounds, num_rounds)
+        self.in_stock_app = True
+        self.training_arrays = initial_arrays
+        wrapped = None
+        if evaluate_fn is not None:
+            def wrapped(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+                return self._evaluate_models(evaluate_fn, server_round, arrays,
+                                             evaluate_all_models)
+        try:
+            result = super().start(grid, initial_arrays, rounds, timeout, train_config,
+                                   evaluate_config, wrapped)
+        finally:
+            self.in_stock_app = False
+        last = result.arrays if len(result.arrays) else initial_arrays
+        self.training_arrays = last
+        result.arrays = self.main_model(rounds, last)
+        return result
+
+    def _evaluate_models(self, evaluate_fn: EvaluateFn, server_round: int,
+                         arrays: ArrayRecord, evaluate_all: bool) -> MetricRecord | None:
+        models = self.models_to_evaluate(server_round, arrays)
+        (_, main), *others = models.items()
+        metrics = evaluate_fn(server_round, main)
+        if not evaluate_all or not others:
+            return metrics
+        merged = dict(metrics or {})
+        for name, other in others:
+            extra = evaluate_fn(server_round, other) or {}
+            merged.update({f"{name}_{k}": v for k, v in extra.items()})
+        return MetricRecord(merged)
 
 
 #: Reply metrics that are bookkeeping, not measurements: never averaged.

@@ -162,6 +162,31 @@ class DecentralizedStrategy:
     def total_rounds(self) -> int:
         return int(self.run_config.get("num-server-rounds", 1))
 
+    def start(self, grid: Any = None, initial_arrays: Any = None, num_rounds: int = 3,
+              *args: Any, **kwargs: Any) -> Any:
+        """Refuse to run in a user's own ServerApp, saying what the strategy needs instead.
+
+        A decentralized run has no global model for Flower's round loop to track: fedwa's
+        ServerApp relays every node's neighbours' models (one ``train.merge`` message per node)
+        and fedwa's ClientApp merges and trains them.
+
+        Raises
+        ------
+        ClientProtocolError
+            Always.
+        """
+        from strategies.base import PROTOCOL_DOC, ClientProtocolError
+
+        name = type(self).__name__
+        raise ClientProtocolError(
+            f"{name} cannot run through Flower's Strategy.start: it has no global model, every "
+            "node keeps its own. Its rounds are relayed by fedwa's ServerApp "
+            "(fedwa.server_app.build_server_app, or `flwr run .` / `fedwa run` with "
+            f"strategy='{name.lower()}') to fedwa's ClientApp (fedwa.client_app.app), whose "
+            "'train.merge' handler merges the neighbours' models sent as 'node-<partition-id>' "
+            "ArrayRecords with the weights in config 'neighbours', 'neighbour-weights' and "
+            f"'self-weight', then trains. See {PROTOCOL_DOC}.")
+
     def node_seed(self, partition_id: int) -> int:
         """Initialisation seed of a node: the run's (shared) or its own (independent)."""
         if self.node_init == "shared":

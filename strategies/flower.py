@@ -1,6 +1,9 @@
 """Flower's own server optimisers, wired into fedwa's config, reply guard and sampling.
 
-The math is Flower's (``flwr.serverapp.strategy``); fedwa adds its keys and guarantees.
+The math is Flower's (``flwr.serverapp.strategy``); fedwa adds its keys and guarantees. Their
+state (FedAvgM's momentum, FedAdam's moments, the current arrays) lives in Flower's attributes
+and is checkpointed from them (:class:`strategies.foreign.AttributeState`), so a resumed run
+continues with the momentum it had.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from flwr.serverapp.strategy import FedProx as FlowerFedProx
 
 from fedwa.config import Key, at_least, positive
 from strategies.base import FedwaStrategy
+from strategies.foreign import AttributeState, ForeignMark
 
 
-class FedAvgM(FedwaStrategy, FlowerFedAvgM):
+class FedAvgM(AttributeState, FedwaStrategy, ForeignMark, FlowerFedAvgM):
     """FedAvg with server momentum (Hsu et al. 2019, arXiv 1909.06335)."""
 
     config_keys = (
@@ -31,7 +35,7 @@ class FedAvgM(FedwaStrategy, FlowerFedAvgM):
                 "server_momentum": float(config["fedavgm-momentum"])}
 
 
-class FedProx(FedwaStrategy, FlowerFedProx):
+class FedProx(AttributeState, FedwaStrategy, ForeignMark, FlowerFedProx):
     """FedAvg plus a proximal term mu/2 ||w - w_global||^2 in the clients' loss
     (Li et al., MLSys 2020, arXiv 1812.06127). fedwa's ClientApp applies ``proximal-mu``."""
 
@@ -42,7 +46,7 @@ class FedProx(FedwaStrategy, FlowerFedProx):
         return {"proximal_mu": float(config["fedprox-mu"])}
 
 
-class FedAdam(FedwaStrategy, FlowerFedAdam):
+class FedAdam(AttributeState, FedwaStrategy, ForeignMark, FlowerFedAdam):
     """Adam on the server over the averaged client update (Reddi et al., ICLR 2021,
     arXiv 2003.00295)."""
 

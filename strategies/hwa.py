@@ -88,12 +88,21 @@ class HWA(AveragedModelStrategy):
         self.lengths: list[int] | None = None
         if hwa_sync_steps:
             steps = int(self.run_config.get("local-steps", 0))
-            if self.run_config and steps <= 0:
+            if steps <= 0:
+                # Without a step budget the split means nothing; a strategy built directly in
+                # a user's app has no run config to take one from.
                 raise ConfigError("hwa-sync-steps", hwa_sync_steps, "0 unless local-steps > 0: "
-                                  "the budget it splits is num-server-rounds x local-steps")
-            rounds = int(self.run_config.get("num-server-rounds", 1))
-            self.budget = rounds * max(steps, 1)
-            self.lengths = sync_lengths(self.budget, hwa_sync_steps)
+                                  "the budget it splits is num-server-rounds x local-steps "
+                                  "(built directly, pass run_config={'local-steps': S}; the "
+                                  "ClientApp must then train config['local-steps'] steps)")
+            self.bind_rounds(int(self.run_config.get("num-server-rounds", 1)))
+
+    def bind_rounds(self, num_rounds: int) -> None:
+        """Split the budget of ``num_rounds`` x ``local-steps`` into synchronisations."""
+        if not self.sync_steps:
+            return
+        self.budget = num_rounds * int(self.run_config["local-steps"])
+        self.lengths = sync_lengths(self.budget, self.sync_steps)
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:

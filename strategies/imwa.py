@@ -103,17 +103,23 @@ class IMWA(FedAvg):
         self.weighting = imwa_weighting
         # An instance attribute shadows the class's: the evaluator reads it per strategy.
         self.recompute_bn = frozenset({"global", "ema"} if imwa_bn == "recompute" else ())
+        self.episodes, self.schedule = imwa_episodes, imwa_schedule
+        # A strategy built directly learns the run's length in start() (bind_rounds).
+        self.bind_rounds(int(self.run_config.get("num-server-rounds", 1)))
+        self.ema = ExponentialAverage(imwa_ema_decay) if imwa_ema_decay > 0 else None
+
+    def bind_rounds(self, num_rounds: int) -> None:
+        """Split the budget of ``num_rounds`` x ``local-epochs`` (or ``local-steps``) into the
+        episodes. Without those keys in the run config a round is one epoch."""
         config = self.run_config
-        rounds = int(config.get("num-server-rounds", 1))
         self.unit = "local-steps" if int(config.get("local-steps", 0)) > 0 else "local-epochs"
-        budget = rounds * int(config.get(self.unit, 1))
-        episodes = imwa_episodes or rounds
+        budget = num_rounds * int(config.get(self.unit, 1))
+        episodes = self.episodes or num_rounds
         if episodes > budget:
             raise ConfigError("imwa-episodes", episodes, f"at most {budget}: the budget of "
-                              f"{rounds} rounds x {config.get(self.unit, 1)} {self.unit}")
-        self.lengths = episode_lengths(budget, episodes, imwa_schedule)
+                              f"{num_rounds} rounds x {config.get(self.unit, 1)} {self.unit}")
+        self.lengths = episode_lengths(budget, episodes, self.schedule)
         self.budget = budget
-        self.ema = ExponentialAverage(imwa_ema_decay) if imwa_ema_decay > 0 else None
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,6 +140,11 @@ class IMWA(FedAvg):
 
     def episode(self, server_round: int) -> tuple[int, float, float]:
         """Length of episode ``server_round`` and where it starts and ends in the budget."""
+        if not 1 <= server_round <= len(self.lengths):
+            raise ValueError(
+                f"IMWA was planned for {len(self.lengths)} episodes (one per server round) and "
+                f"round {server_round} is past them: run it with start(num_rounds=...), or build "
+                "it with run_config={'num-server-rounds': R} (and imwa_episodes=E <= R)")
         done = sum(self.lengths[: server_round - 1])
         length = self.lengths[server_round - 1]
         return length, done / self.budget, (done + length) / self.budget

@@ -29,15 +29,19 @@ the test set (``clients_local_accuracy``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedwa.arrays import average_records, to_record, to_state_dict
 from fedwa.config import Key, at_least
 from fedwa.partial import RULES, group_for_round, merge, partition_groups, select
+from strategies.base import PROTOCOL_DOC
 from strategies.fedavg import FedAvg
+
+log = logging.getLogger("fedwa")
 
 
 class PartialAveraging(FedAvg):
@@ -88,6 +92,10 @@ class PartialAveraging(FedAvg):
         assert self.groups is not None
         up = self.groups[group_for_round(server_round, self.tau)]
         down = self.groups[group_for_round(server_round - 1, self.tau)] if server_round > 1 else []
+        if server_round == 1 and self.in_stock_app:
+            # A user's ClientApp cannot rebuild the server's initial model on its own (fedwa's
+            # does, from the run's seed): round 1 sends it whole, once.
+            down = list(self.full)
         config["keep-local-model"] = True
         config["return-names"] = list(up)
         messages = list(super().configure_train(
@@ -120,6 +128,28 @@ class PartialAveraging(FedAvg):
                                   self.client_weights(replies))
         self.full = merge(self.full, average)
         return ArrayRecord(self.full)
+
+    def protocol_hint(self, server_round: int) -> str | None:
+        first = ("round 1 sends the whole initial model" if self.in_stock_app
+                 else "round 1 sends no weights (start from the run's shared initialisation)")
+        return ("Partial averaging needs a ClientApp that keeps its own full model between "
+                "rounds (in context.state; config 'keep-local-model' is true): " + first +
+                ", later rounds only the group averaged in the round before, as 'arrays' "
+                "entries named '<entry>' or '<entry>[a:b]' (rows a to b of a split entry; "
+                "fedwa.partial.merge writes them into the kept model); the client trains the "
+                "merged model, keeps it, and replies with exactly the pieces named in config "
+                "'return-names' (fedwa.partial.select) and 'num-examples'")
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if self.in_stock_app and replies and metrics is None:
+            log.warning("partial averaging, round %d: no client evaluated its kept model: with "
+                        "config 'evaluate-local-model' true the evaluate handler must evaluate "
+                        "the model the client keeps (the message's 'arrays' is empty). See %s.",
+                        server_round, PROTOCOL_DOC)
+        return metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Any) -> Iterable[Message]:

@@ -32,12 +32,19 @@ class SWA(AveragedModelStrategy):
 
     def __init__(self, *args: Any, swa_start_round: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        rounds = int(self.run_config.get("num-server-rounds", 2))
-        self.start_round = swa_start_round or half_run({"num-server-rounds": rounds})
-        if self.run_config and self.start_round > rounds:
-            raise ConfigError("swa-start-round", swa_start_round,
-                              f"at most num-server-rounds ({rounds})")
+        self.swa_start_round = swa_start_round
+        # A strategy built directly learns the run's length in start() (bind_rounds).
+        self.bind_rounds(int(self.run_config.get("num-server-rounds", 2)),
+                         check="num-server-rounds" in self.run_config)
         self.average = RunningAverage()
+
+    def bind_rounds(self, num_rounds: int, check: bool = True) -> None:
+        """Window start for a run of ``num_rounds``: ``swa_start_round``, or the first round of
+        the second half."""
+        self.start_round = self.swa_start_round or half_run({"num-server-rounds": num_rounds})
+        if check and self.start_round > num_rounds:
+            raise ConfigError("swa-start-round", self.swa_start_round,
+                              f"at most num-server-rounds ({num_rounds})")
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -52,7 +52,7 @@ candidates, with and without training the coefficients.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -114,13 +114,23 @@ class _TWA(FedAvg):
                  twa_layerwise: bool = False, twa_basis: str = "centred",
                  twa_optimizer: str = "adamw", twa_lr: float = 0.0, twa_schedule: str = "auto",
                  twa_weight_decay: float = 0.0, twa_momentum: float = 0.9,
+                 model_fn: Callable[[], torch.nn.Module] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.train_rounds = int(self.run_config.get("num-server-rounds", 2))
-        self.start_round = twa_start_round or half_run({"num-server-rounds": self.train_rounds})
-        if self.run_config and self.start_round > self.train_rounds:
-            raise ConfigError("twa-start-round", twa_start_round,
-                              f"at most num-server-rounds ({self.train_rounds})")
+        name = type(self).__name__
+        if model_fn is None and "dataset" not in self.run_config:
+            # Which entries are learnable (the subspace's coordinates) is the model's to say;
+            # a strategy built directly has no fedwa run config to build it from.
+            raise ValueError(f"{name} needs the model's structure: pass model_fn=<a function "
+                             "that returns your torch model>, or build it with "
+                             f"{name}.from_config(run_config) from a fedwa run config (its "
+                             "'dataset' and 'model' keys)")
+        #: Builds the model (any weights) when the strategy is not built from a fedwa config.
+        self.model_fn = model_fn
+        self.twa_start_round = twa_start_round
+        # A strategy built directly learns the run's length in start() (bind_rounds).
+        self.bind_rounds(int(self.run_config.get("num-server-rounds", 2)),
+                         check="num-server-rounds" in self.run_config)
         self.every, self.layerwise, self.basis = twa_every, twa_layerwise, twa_basis
         self.optimizer_name = twa_optimizer
         # twa-lr = 0: the rate the reference uses with this optimiser.
@@ -147,14 +157,29 @@ class _TWA(FedAvg):
                 "twa_weight_decay": float(config["twa-weight-decay"]),
                 "twa_momentum": float(config["twa-momentum"])}
 
+    def bind_rounds(self, num_rounds: int, check: bool = True) -> None:
+        """Candidate rounds of a run of ``num_rounds`` training rounds."""
+        self.train_rounds = num_rounds
+        self.start_round = (self.twa_start_round
+                            or half_run({"num-server-rounds": self.train_rounds}))
+        if check and self.start_round > self.train_rounds:
+            raise ConfigError("twa-start-round", self.twa_start_round,
+                              f"at most num-server-rounds ({self.train_rounds})")
+
     def make_optimizer(self) -> SubspaceOptimizer | None:
         """The optimiser the server steps across rounds; None when the fit builds its own."""
         return None
 
-    def _names_and_blocks(self) -> None:
+    def new_model(self) -> torch.nn.Module:
+        """A model of the run's architecture: ``model_fn()``, else from the fedwa config."""
+        if self.model_fn is not None:
+            return self.model_fn()
         from fedwa.task import federated_data, make_model
 
-        model = make_model(self.run_config, federated_data(self.run_config))
+        return make_model(self.run_config, federated_data(self.run_config))
+
+    def _names_and_blocks(self) -> None:
+        model = self.new_model()
         self.names = learnable_names(model)
         self.blocks = layer_blocks(model, self.names) if self.layerwise else None
 
@@ -233,12 +258,28 @@ class TWAv(_TWA):
     )
 
     def __init__(self, *args: Any, twa_epochs: int = 10, twa_batch_size: int = 128,
-                 twa_bn_mode: str = "train", **kwargs: Any) -> None:
+                 twa_bn_mode: str = "train",
+                 server_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 **kwargs: Any) -> None:
+        if server_data is None and "dataset" not in (kwargs.get("run_config") or {}):
+            # Checked first: a directly built TWAv lacks the data as well as the model.
+            raise ValueError("TWAv fits its coefficients on data the server holds: pass "
+                             "server_data=(x, y) (tensors: inputs and integer labels, held "
+                             "out from the clients' training data) and model_fn=<a function "
+                             "that returns your torch model>, or build it with "
+                             "TWAv.from_config(run_config) from a fedwa run config with "
+                             "server-val-fraction > 0")
         super().__init__(*args, **kwargs)
-        if self.run_config and float(self.run_config.get("server-val-fraction", 0)) <= 0:
-            raise ConfigError("server-val-fraction", self.run_config.get("server-val-fraction"),
-                              "a fraction in (0, 1) for twa-v: it fits on the server's "
-                              "validation split")
+        if server_data is None:
+            if float(self.run_config.get("server-val-fraction", 0)) <= 0:
+                raise ConfigError("server-val-fraction",
+                                  self.run_config.get("server-val-fraction"),
+                                  "a fraction in (0, 1) for twa-v: it fits on the server's "
+                                  "validation split")
+        elif len(server_data) != 2 or len(server_data[0]) != len(server_data[1]):
+            raise ValueError("server_data must be (x, y) with one label per input")
+        #: The fit's data when given directly; else the fedwa config's server split.
+        self.server_data = server_data
         self.epochs, self.batch_size, self.bn_mode = twa_epochs, twa_batch_size, twa_bn_mode
 
     @classmethod
@@ -259,12 +300,15 @@ class TWAv(_TWA):
 
     def fit(self) -> ArrayRecord:
         from fedwa.bn import recompute_bn
-        from fedwa.task import federated_data, make_model
         from fedwa.twa import fit_on_data
 
-        data = federated_data(self.run_config)
-        x_val, y_val = data.server_val()
-        model = make_model(self.run_config, data)
+        if self.server_data is not None:
+            x_val, y_val = self.server_data
+        else:
+            from fedwa.task import federated_data
+
+            x_val, y_val = federated_data(self.run_config).server_val()
+        model = self.new_model()
         model.load_state_dict(to_state_dict(self.centre_arrays()))
         if self.bn_mode == "eval":
             # BN normalises with running statistics during the fit: let them be the centre's
@@ -324,6 +368,15 @@ class TWAt(_TWA):
 
     def total_rounds(self) -> int:
         return self.train_rounds + self.twa_rounds
+
+    def protocol_hint(self, server_round: int) -> str | None:
+        if server_round <= self.train_rounds:
+            return None  # training rounds are FedAvg's
+        return ("TWA-t's gradient rounds send 'train.gradient' messages (the current weights in "
+                "'arrays', 'server-round' in 'config'): the ClientApp must register "
+                "@app.train('gradient') and reply with 'arrays' holding the gradient of its "
+                "mean training loss at those weights, under the same entry names (zeros for "
+                "buffers), and 'metrics' with 'num-examples'")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:

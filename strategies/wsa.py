@@ -14,7 +14,7 @@ so nothing beyond the model travels up; the targets travel down as a few floats 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -36,11 +36,40 @@ class WSA(FedAvg):
     )
 
     def __init__(self, *args: Any, wsa_lambda: float = 0.1, wsa_layers: str = "weights",
-                 **kwargs: Any) -> None:
+                 wsa_names: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if wsa_layers not in ("weights", "all"):
+            raise ValueError(f"wsa_layers must be 'weights' or 'all', got {wsa_layers!r}")
         self.strength, self.include = wsa_lambda, wsa_layers
-        self.names: list[str] | None = None
+        #: The aligned entries; None: from the model (fedwa config) or the arrays' names.
+        self.names: list[str] | None = list(wsa_names) if wsa_names is not None else None
         self.targets: dict | None = None
+
+    def scope_names(self, arrays: ArrayRecord) -> list[str]:
+        """The entries whose scopes WSA aligns.
+
+        From the model when the strategy is built from a fedwa run config
+        (:func:`fedwa.wsa.scope_layers`); built directly, from the names and shapes of the
+        first model sent: ``weights`` takes every ``*.weight`` with two or more dimensions
+        (conv and linear weights); ``all`` adds the one-dimensional ``*.weight`` and ``*.bias``
+        entries (biases, BatchNorm's affine parameters). Pass ``wsa_names`` to choose.
+        """
+        if "dataset" in self.run_config:
+            from fedwa.task import federated_data, make_model
+
+            model = make_model(self.run_config, federated_data(self.run_config))
+            return scope_layers(model, self.include)
+        names = []
+        for name, array in arrays.items():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "weight" and len(array.shape) >= 2:
+                names.append(name)
+            elif self.include == "all" and leaf in ("weight", "bias") and len(array.shape) == 1:
+                names.append(name)
+        if not names:
+            raise ValueError("WSA found no '*.weight' entries of two or more dimensions in the "
+                             "model: pass wsa_names=[...] (the entries to align)")
+        return names
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,10 +78,8 @@ class WSA(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:
         if self.targets is None:
-            from fedwa.task import federated_data, make_model
-
-            model = make_model(self.run_config, federated_data(self.run_config))
-            self.names = scope_layers(model, self.include)
+            if self.names is None:
+                self.names = self.scope_names(arrays)
             self.targets = scopes(to_state_dict(arrays), self.names)
         assert self.names is not None
         config["wsa-lambda"] = self.strength
@@ -70,6 +97,18 @@ class WSA(FedAvg):
                              for r in usable]
             self.targets = fuse_scopes(client_scopes, self.client_weights(usable))
         return arrays, metrics
+
+    def protocol_hint(self, server_round: int) -> str | None:
+        return ("WSA's clients add wsa-lambda * sum over layers of KL(N(mu, sigma^2) || "
+                "N(mu*, sigma*^2)) to their training loss, reading config 'wsa-lambda', "
+                "'wsa-names' (entries), 'wsa-mu' and 'wsa-sigma' (the targets, one per entry; "
+                "fedwa.wsa.scope_regulariser computes the term), and report the KL at the end "
+                "of training as metric 'wsa-kl'")
+
+    def protocol_problem(self, server_round: int, reply: Message) -> str | None:
+        if "wsa-kl" not in reply.content["metrics"]:
+            return "its reply has no 'wsa-kl' metric: the client ignored WSA's scope targets"
+        return None
 
     def round_metrics(self) -> dict[str, Any]:
         """The clients' mean KL to the round's targets, at the end of their training."""

@@ -199,7 +199,7 @@ def kill_after_checkpoint(settings: dict, run_dir: Path, after_round: int) -> in
             child.wait()
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "hwa", "partial", "dimat", "imwa-batched"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "hwa", "partial", "dimat", "imwa-batched"])
 def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(
         tmp_path: Path, strategy: str) -> None:
     settings = {**SMALL, "strategy": strategy}

@@ -58,7 +58,9 @@ def test_no_traceback_for_user_errors_from_the_shell() -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip() == ("fedwa: error: config key 'model' = 'nope' is not allowed: "
-                                   "one of mlp, cnn, resnet20, resnet32")
+                                   "one of mlp, cnn, resnet20, resnet32, or an import path "
+                                   "module:function naming a factory make_net(input_shape, "
+                                   "num_classes) that returns a torch.nn.Module")
 
 
 def test_rounds_to_target() -> None:

@@ -7,9 +7,13 @@ Typical use: ``build_federated_data(...)`` gives a :class:`FederatedData` whose
 from fedwa.data.datasets import (
     DATASET_NAMES,
     DEBIAN_FASHION_MNIST_DIR,
+    LOADER_CONTRACT,
+    NPZ_CONTRACT,
     Dataset,
     check_available,
+    data_stamp,
     load_dataset,
+    npz_files,
     read_idx,
 )
 from fedwa.data.federated import FederatedData, PartitionIdError, build_federated_data, derived_seeds
@@ -19,6 +23,8 @@ from fedwa.data.partition import PARTITION_NAMES, partition_indices
 __all__ = [
     "DATASET_NAMES",
     "DEBIAN_FASHION_MNIST_DIR",
+    "LOADER_CONTRACT",
+    "NPZ_CONTRACT",
     "IMBALANCE_TYPES",
     "PARTITION_NAMES",
     "Dataset",
@@ -26,10 +32,12 @@ __all__ = [
     "PartitionIdError",
     "build_federated_data",
     "check_available",
+    "data_stamp",
     "derived_seeds",
     "load_dataset",
     "long_tail_counts",
     "long_tail_indices",
+    "npz_files",
     "partition_indices",
     "read_idx",
 ]

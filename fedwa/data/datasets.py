@@ -1,5 +1,11 @@
 """Loading the supported image datasets into normalised in-memory tensors.
 
+Besides the built-in names, ``dataset`` takes ``"npz"`` (a folder of ``train.npz`` and
+``test.npz``, the files a SuperNode's ``data-dir`` holds) or an import path
+``"module:function"`` naming the user's own loader (contract: :data:`LOADER_CONTRACT`,
+:func:`load_dataset`). Their examples are used as given (not standardised), so a simulation and
+a deployment reading the same files train on the same numbers.
+
 Readers for IDX (MNIST, Fashion-MNIST) and the CIFAR python pickles are written
 here rather than taken from torchvision: torchvision checks MD5 sums and fixed
 file sizes, which rules out the Debian Fashion-MNIST package layout and the tiny
@@ -20,8 +26,22 @@ import numpy as np
 import torch
 
 from fedwa.errors import ConfigError, DataNotFoundError, FedwaError
+from fedwa.node_data import check_examples, read_npz
+from fedwa.plugins import accepts, has_parameter, is_import_path, load_callable, signature_text
 
-DATASET_NAMES = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic", "npz")
+
+#: What a user's loader (``dataset = "module:function"``) must be; quoted in error messages.
+LOADER_CONTRACT = ("an import path module:function naming a loader load() or load(data_root) "
+                   "that returns (train, test, class_names), train and test each an (x, y) "
+                   "pair of tensors or arrays or an in-memory torch Dataset of (x, y) items, "
+                   "x floating point [n, C, H, W], y integer labels in 0..len(class_names)-1")
+# The same, once the loader has been called: what its result must hold.
+LOADER_SHORT = ("a loader returning (train, test, class_names) with x floating point "
+                "[n, C, H, W] and y integer labels in 0..len(class_names)-1")
+#: What ``dataset = "npz"`` needs in ``data-root``.
+NPZ_CONTRACT = ("a folder holding train.npz and test.npz, each with arrays x (float32, "
+                "[n, C, H, W]) and y (integer labels), for dataset = npz")
 
 # Where the Debian/Ubuntu package `dataset-fashion-mnist` installs its files.
 # A module-level constant so tests can point it elsewhere.
@@ -57,10 +77,11 @@ class Dataset:
     Attributes
     ----------
     name : str
-        One of :data:`DATASET_NAMES`.
+        One of :data:`DATASET_NAMES`, or the import path of a user's loader.
     x_train, x_test : torch.Tensor
-        float32 images ``[N, C, H, W]``, each channel standardised with the
-        training set's mean and standard deviation.
+        float32 images ``[N, C, H, W]``; for the built-in datasets each channel
+        standardised with the training set's mean and standard deviation (``npz``
+        and a user's loader: as given).
     y_train, y_test : torch.Tensor
         int64 labels ``[N]`` in ``0 .. num_classes - 1``.
     num_classes : int
@@ -281,8 +302,128 @@ def _load_cifar(name: str, files: list[Path]) -> Dataset:
 
 
 def _check_name(name: str) -> None:
-    if name not in DATASET_NAMES:
-        raise ConfigError("dataset", name, f"one of {', '.join(DATASET_NAMES)}")
+    if name not in DATASET_NAMES and not is_import_path(name):
+        raise ConfigError("dataset", name, f"one of {', '.join(DATASET_NAMES)}, or " +
+                          LOADER_CONTRACT)
+
+
+# --- the user's own data: npz files or a loader function -------------------------------------
+
+
+def _examples_of(part: Any, which: str) -> tuple[Any, Any]:
+    """``(x, y)`` of a loader's train or test part: a pair, or an in-memory torch Dataset."""
+    from torch.utils.data import Dataset as TorchDataset, TensorDataset
+
+    if isinstance(part, (tuple, list)) and len(part) == 2:
+        return part[0], part[1]
+    if isinstance(part, TensorDataset) and len(part.tensors) == 2:
+        return part.tensors
+    if isinstance(part, TorchDataset) and hasattr(part, "__len__"):
+        # A map-style dataset of (x, y) items (e.g. a torchvision dataset with ToTensor):
+        # gathered once into tensors, since clients slice tensors held in memory.
+        items = [part[i] for i in range(len(part))]  # type: ignore[arg-type]
+        if not items:
+            raise FedwaError(f"the {which} Dataset is empty")
+        first = items[0]
+        if not (isinstance(first, (tuple, list)) and len(first) == 2
+                and isinstance(first[0], (torch.Tensor, np.ndarray))):
+            raise FedwaError(f"{which} items are {type(first).__name__}, expected "
+                             "(x, y) pairs with x a tensor (add transform=ToTensor()?)")
+        try:
+            x = torch.stack([torch.as_tensor(item[0]) for item in items])
+            y = torch.as_tensor([int(item[1]) for item in items])
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise FedwaError(f"cannot stack the {which} items into tensors "
+                             f"({' '.join(str(err).split())})") from None
+        return x, y
+    raise FedwaError(f"{which} is a {type(part).__name__}; expected an (x, y) pair "
+                     "or an in-memory torch Dataset")
+
+
+def _user_dataset(name: str, train: tuple[Any, Any], test: tuple[Any, Any],
+                  class_names: Any, where: tuple[str, str]) -> Dataset:
+    """Check a user's examples with the SuperNode rules and wrap them, as given, in a Dataset.
+
+    ``where`` names the train and the test part in messages."""
+    if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__len__"):
+        raise FedwaError(f"class_names is a {type(class_names).__name__}; expected a "
+                         "sequence of names, one per class")
+    names = tuple(str(n) for n in class_names)
+    if not names:
+        raise FedwaError("class_names is empty")
+    x_train, y_train = check_examples(*train, where[0], len(names))
+    x_test, y_test = check_examples(*test, where[1], len(names), tuple(x_train.shape[1:]))
+    return Dataset(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                   num_classes=len(names),
+                   input_shape=tuple(int(s) for s in x_train.shape[1:]),  # type: ignore[arg-type]
+                   class_names=names)
+
+
+def _load_loader(name: str, data_root: str | None) -> Dataset:
+    """Call the user's loader ``module:function`` and check what it returns."""
+    fn, _ = load_callable("dataset", name, LOADER_CONTRACT)
+    kwargs = {"data_root": data_root} if has_parameter(fn, "data_root") else {}
+    if not accepts(fn, **kwargs):
+        raise ConfigError("dataset", name, f"{LOADER_CONTRACT}; {signature_text(fn)} needs "
+                          "other arguments")
+    result = fn(**kwargs)
+    try:
+        if not isinstance(result, (tuple, list)) or len(result) != 3:
+            raise FedwaError(f"it returned a {type(result).__name__}"
+                             + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
+                             + ", not (train, test, class_names)")
+        train, test, class_names = result
+        return _user_dataset(name, _examples_of(train, "train"), _examples_of(test, "test"),
+                             class_names, ("train", "test"))
+    except FedwaError as err:
+        raise ConfigError("dataset", name, f"{LOADER_SHORT}; here {err}") from None
+
+
+def npz_files(data_root: str | None) -> tuple[Path, Path]:
+    """``train.npz`` and ``test.npz`` of the ``npz`` dataset's folder, checked to exist.
+
+    Raises
+    ------
+    ConfigError
+        Key ``data-root``: unset, not a folder, or a file is missing.
+    """
+    root = _root(data_root)
+    if root is None:
+        raise ConfigError("data-root", "", NPZ_CONTRACT + "; data-root is not set")
+    if not root.is_dir():
+        raise ConfigError("data-root", str(data_root), f"{NPZ_CONTRACT}; {root} is not a folder")
+    files = (root / "train.npz", root / "test.npz")
+    for path in files:
+        if not path.is_file():
+            raise ConfigError("data-root", str(data_root), f"{NPZ_CONTRACT}; {root} has no "
+                              f"{path.name}")
+    return files
+
+
+def _load_npz(data_root: str | None) -> Dataset:
+    train_file, test_file = npz_files(data_root)
+    try:
+        train, test = read_npz(train_file), read_npz(test_file)
+        if "class_names" in train:
+            class_names: Any = [str(n) for n in np.asarray(train["class_names"]).ravel()]
+        else:
+            # Without names the labels define the classes: 0 .. the largest label seen.
+            highest = max((int(np.max(a["y"], initial=0)) for a in (train, test)
+                           if np.issubdtype(np.asarray(a["y"]).dtype, np.integer)), default=0)
+            class_names = [str(c) for c in range(highest + 1)]
+        return _user_dataset("npz", (train["x"], train["y"]), (test["x"], test["y"]),
+                             class_names, (str(train_file), str(test_file)))
+    except FedwaError as err:
+        raise ConfigError("data-root", str(data_root), f"{NPZ_CONTRACT}; here {err}") from None
+
+
+def data_stamp(name: str, data_root: str | None) -> float:
+    """Newest mtime of the npz files (0 otherwise): rewritten files must not come from cache."""
+    if name != "npz" or not data_root:
+        return 0.0
+    root = Path(os.path.expanduser(data_root))
+    files = (root / "train.npz", root / "test.npz")
+    return max((p.stat().st_mtime for p in files if p.is_file()), default=0.0)
 
 
 def _root(data_root: str | None) -> Path | None:
@@ -312,7 +453,10 @@ def check_available(name: str, data_root: str | None = None, download: bool = Fa
         to get them.
     """
     _check_name(name)
-    if name in ("digits", "synthetic"):
+    if name in ("digits", "synthetic") or is_import_path(name):
+        return  # a loader can only be checked by calling it (load_dataset does)
+    if name == "npz":
+        npz_files(data_root)
         return
     root = _root(data_root)
     found, tried = _locate(name, root)
@@ -320,22 +464,40 @@ def check_available(name: str, data_root: str | None = None, download: bool = Fa
         raise _not_found(name, root, tried)
 
 
-@functools.lru_cache(maxsize=None)
 def load_dataset(name: str, data_root: str | None = None, download: bool = False) -> Dataset:
     """Load a dataset, normalised, into memory.
 
-    Results are cached per process on ``(name, data_root, download)``, so the
-    returned tensors are shared: callers must not modify them in place.
+    Results are cached per process on ``(name, data_root, download)`` (and the npz files'
+    modification times), so the returned tensors are shared: callers must not modify them
+    in place.
 
     Parameters
     ----------
     name : str
-        One of :data:`DATASET_NAMES`. ``digits`` (scikit-learn) and ``synthetic``
-        need no files. ``fashion-mnist`` and ``mnist`` read IDX files from
-        ``<data_root>/FashionMNIST/raw/`` (``MNIST/raw/``) or `data_root` itself,
-        and Fashion-MNIST also from :data:`DEBIAN_FASHION_MNIST_DIR`. ``cifar10``
-        and ``cifar100`` read ``<data_root>/cifar-10-batches-py/`` and
-        ``<data_root>/cifar-100-python/``.
+        One of :data:`DATASET_NAMES`, or ``"module:function"``. ``digits``
+        (scikit-learn) and ``synthetic`` need no files. ``fashion-mnist`` and
+        ``mnist`` read IDX files from ``<data_root>/FashionMNIST/raw/``
+        (``MNIST/raw/``) or `data_root` itself, and Fashion-MNIST also from
+        :data:`DEBIAN_FASHION_MNIST_DIR`. ``cifar10`` and ``cifar100`` read
+        ``<data_root>/cifar-10-batches-py/`` and ``<data_root>/cifar-100-python/``.
+
+        ``npz`` reads ``<data_root>/train.npz`` and ``<data_root>/test.npz``: arrays
+        ``x`` (floating point, ``[n, C, H, W]``) and ``y`` (integer labels), and
+        optionally ``class_names`` (strings) in ``train.npz``; without it the classes are
+        ``0 .. max(y)``. These are the files a SuperNode's ``data-dir`` holds
+        (:mod:`fedwa.node_data`), checked by the same rules.
+
+        ``module:function`` calls the user's loader: ``function()``, or
+        ``function(data_root=...)`` when it takes a ``data_root`` parameter (the
+        ``data-root`` key, ``None`` when unset). It returns ``(train, test,
+        class_names)``: ``train`` and ``test`` each an ``(x, y)`` pair of torch tensors
+        or numpy arrays, or an in-memory map-style torch ``Dataset`` whose items are
+        ``(x, y)`` (a ``TensorDataset``, a torchvision dataset with ``ToTensor``);
+        ``x`` floating point ``[n, C, H, W]`` and finite, ``y`` integer labels in
+        ``0 .. len(class_names) - 1``; ``class_names`` a sequence of names, one per
+        class. Examples are used as given: normalise them in the loader. The loader
+        runs once per process (the result is cached), in every process that needs
+        the data, so it must return the same examples every time (seed it).
     data_root : str or None
         Directory holding dataset files; ``None`` or ``""`` means unset.
     download : bool
@@ -350,11 +512,22 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
     Raises
     ------
     ConfigError
-        If `name` is unknown.
+        If `name` is unknown (key ``dataset``), a user's loader cannot be imported, called
+        or returns examples that break the rules (key ``dataset``), or the npz files are
+        missing or malformed (key ``data-root``).
     DataNotFoundError
         If the files are missing (and not downloaded).
     """
     _check_name(name)
+    return _load_cached(name, data_root, download, data_stamp(name, data_root))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(name: str, data_root: str | None, download: bool, stamp: float) -> Dataset:
+    if is_import_path(name):
+        return _load_loader(name, data_root or None)
+    if name == "npz":
+        return _load_npz(data_root)
     if name == "digits":
         return _load_digits()
     if name == "synthetic":

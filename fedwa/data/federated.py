@@ -155,7 +155,7 @@ def _server_split(labels: np.ndarray, pool: np.ndarray, fraction: float,
 def build_federated_data(*, dataset: str, data_root: str | None, seed: int, num_clients: int,
                          partition: str, dirichlet_alpha: float, shards_per_client: int,
                          imbalance_ratio: float, imbalance_type: str, server_val_fraction: float,
-                         download: bool = False) -> FederatedData:
+                         download: bool = False, data_stamp: float = 0.0) -> FederatedData:
     """Load a dataset and split it for a federated run.
 
     Steps: load -> long-tailed subset of the training set -> stratified server
@@ -178,6 +178,9 @@ def build_federated_data(*, dataset: str, data_root: str | None, seed: int, num_
     server_val_fraction : float
         Fraction in [0, 1) of each class of the long-tailed pool held out for
         server-side validation (``round(fraction * n_c)``, at most ``n_c - 1``).
+    data_stamp : float, optional
+        Part of the cache key only: :func:`fedwa.data.data_stamp` of the dataset's files,
+        so a rewritten ``npz`` folder is not served from this cache.
 
     Returns
     -------

@@ -22,7 +22,8 @@ def task_identity():  # noqa: ANN201
 
 @pytest.fixture(autouse=True)
 def keep_random_state():  # noqa: ANN201
-    """configure_train reseeds the global `random` module; leave it as it was."""
+    """Leave the global `random` as it was: fedwa samples with a private generator, but a
+    Flower parent that samples its own way runs with the global one seeded for the call."""
     state = random.getstate()
     yield
     random.setstate(state)
