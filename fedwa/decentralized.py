@@ -246,12 +246,14 @@ def mean_report(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data: Any,
                       make_model: Any, device: torch.device, writer: ResultsWriter,
                       timeout: float | None = None, first_round: int = 1,
-                      after_round: Callable[[int], None] | None = None,
+                      resumed: bool = False, after_round: Callable[[int], None] | None = None,
                       ) -> dict[int, dict[str, torch.Tensor]]:
     """Every round of a decentralized run; returns the nodes' final models by partition id.
 
-    A resumed run starts at ``first_round`` with the relay's models already in
-    ``strategy.models``; ``after_round(r)`` runs once round ``r`` is recorded (checkpoints).
+    A resumed run (``resumed``) starts at ``first_round`` with the relay's models already in
+    ``strategy.models`` and its earlier rounds, round 0 included, in ``metrics.jsonl``: it
+    neither pre-trains nor records round 0 again, also when it resumes from the checkpoint of
+    round 0. ``after_round(r)`` runs once round ``r`` is recorded (checkpoints).
 
     Round 0 records the nodes as they enter the first merge: their initialisations or, with
     ``node-pretrain-epochs`` > 0, the models after pre-training (one exchange of
@@ -300,8 +302,9 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
     basis = str(getattr(strategy, "basis", "own"))
     last_time = time.perf_counter()
     previous_accuracy: float | None = None
-    if first_round > 1:
-        # A resumed run: the round before it is on disk (restored with the checkpoint).
+    if resumed:
+        # The round before the first one is on disk (kept when metrics.jsonl was cut back to
+        # the checkpoint), round 0 included.
         before = [r for r in read_rounds(writer.run_dir) if r.get("round") == first_round - 1]
         previous_accuracy = before[-1].get("accuracy") if before else None
 
@@ -398,7 +401,7 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
             strategy.models[pid_of[reply.metadata.src_node_id]] = to_state_dict(
                 reply.content["arrays"])
 
-    if first_round == 1:
+    if not resumed:
         pretrain = int(getattr(strategy, "pretrain_epochs", lambda: 0)())
         if pretrain > 0:
             # Pre-training: no neighbour is sent, so nothing is merged.

@@ -129,8 +129,10 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
         return metrics
 
     try:
+        # Said apart from first_round: a resume from the checkpoint of round 0 also starts
+        # at round 1, and its round 0 is already recorded.
         run_rounds(strategy, fedwa_grid, arrays, num_rounds=rounds, first_round=first_round,
-                   timeout=float(config["round-timeout"]), retries=int(config["round-retries"]),
+                   resumed=checkpoint is not None, timeout=float(config["round-timeout"]), retries=int(config["round-retries"]),
                    evaluate_fn=evaluate_and_checkpoint)
     except BaseException as err:
         evaluator.save_model()
@@ -201,7 +203,7 @@ def _run_decentralized(grid: FedwaGrid, config: Mapping[str, Any], strategy: Any
         models = run_decentralized(grid, config, strategy, data,
                                    lambda seed: make_model(config, data, seed), device, writer,
                                    timeout=float(config["round-timeout"]),
-                                   first_round=first_round,
+                                   first_round=first_round, resumed=checkpoint is not None,
                                    after_round=lambda r: checkpointer(r, None))
     except BaseException as err:
         writer.finish("failed", {"error": f"{type(err).__name__}: {err}",

@@ -272,3 +272,63 @@ def test_flwr_runs_entry_point_resumes_a_failed_run_from_its_run_config(tmp_path
     simulate(config, whole, show_progress=False, plot=False)
     assert comparable(read_rounds(run_dir)) == comparable(read_rounds(whole))
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+# --- issue 17, section 3: resume hardening ------------------------------------------------------
+
+
+class Stopped(Exception):
+    """Stands in for a kill: raised where the run would have died."""
+
+
+def stop_after(monkeypatch: pytest.MonkeyPatch, checkpointed: int, stop_round: int) -> None:
+    """Make the next run checkpoint only rounds up to ``checkpointed`` (as
+    ``checkpoint-min-seconds`` does on short rounds) and die once round ``stop_round`` is
+    recorded, before its checkpoint: deterministic where a SIGKILL is not."""
+    import fedwa.server_app as server
+
+    class Stopping(server.Checkpointer):
+        def __call__(self, server_round: int, arrays: object) -> None:
+            if server_round == stop_round:
+                raise Stopped(f"killed after round {server_round}")
+            if server_round <= checkpointed:
+                super().__call__(server_round, arrays)
+
+    monkeypatch.setattr(server, "Checkpointer", Stopping)
+
+
+def run_stopped(settings: dict, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                checkpointed: int, stop_round: int) -> None:
+    """Run ``settings`` in this process into ``run_dir`` until :func:`stop_after` stops it."""
+    import fedwa.client_app as client
+    from fedwa.local_backend import run_in_process
+    from fedwa.server_app import build_server_app
+
+    config = resolve_config({**settings, "output-dir": str(run_dir.parent)})
+    stop_after(monkeypatch, checkpointed, stop_round)
+    try:
+        with pytest.raises(Stopped):
+            run_in_process(build_server_app(config, run_dir, plot=False), client.app,
+                           int(config["num-clients"]))
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "gossip"])
+def test_a_run_resumed_from_its_round_0_checkpoint_records_round_0_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
+    """Issue 17: metrics.jsonl read [0, 0, 1, 2, ...] after a resume from the checkpoint of
+    round 0 (run_rounds evaluated round 0 again whenever the first round was 1)."""
+    settings = {**SMALL, "strategy": strategy, "num-server-rounds": 3, "local-steps": 5}
+    run_dir = tmp_path / "run"
+    run_stopped(settings, run_dir, monkeypatch, checkpointed=0, stop_round=2)
+    assert load_checkpoint(run_dir)["round"] == 0
+    assert [r["round"] for r in read_rounds(run_dir)] == [0, 1, 2]
+
+    assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 0
+    assert [r["round"] for r in read_rounds(run_dir)] == [0, 1, 2, 3]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    simulate(resolve_config({**settings, "output-dir": str(tmp_path)}), whole,
+             show_progress=False, plot=False)
+    assert comparable(read_rounds(run_dir)) == comparable(read_rounds(whole))
