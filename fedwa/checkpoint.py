@@ -18,6 +18,13 @@ checkpoint of a finished round. It holds:
 - ``evaluated_model``: the last evaluated main model (saved as ``model.pt`` at the end);
 - ``config``: the run config the checkpoint belongs to.
 
+The file holds only data: tensors, numbers, strings, None and containers of them, with numpy
+arrays and Flower records converted (:mod:`fedwa.safe_state`), and it is read with
+``torch.load(weights_only=True)``, so a crafted ``checkpoint.pt`` cannot run code on
+``--resume``; one naming any other class or function is refused, unloaded, in one line.
+Checkpoints of the previous format (1, whose RNG states were pickled numpy arrays) are read
+with numpy's array reconstructors allowed for that one load, and only those.
+
 ``metrics.jsonl`` is flushed to disk before each checkpoint, so a checkpoint on disk always has
 its records there. A checkpoint that falls due less than ``checkpoint-min-seconds`` after the
 previous one is skipped (the last round's never is): on rounds of a few milliseconds, writing
@@ -48,11 +55,15 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from fedwa.arrays import record_named, to_record, to_state_dict
 from fedwa.errors import CheckpointError, UnsavableStateError
 from fedwa.results import read_rounds, write_durably
+from fedwa.safe_state import (UnsafeFileError, from_plain, legacy_numpy_names, load_data,
+                              one_line, to_plain)
 
 log = logging.getLogger("fedwa")
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT = 1
+#: 2: plain data only, read with weights_only=True (1: RNG states as pickled numpy arrays).
+FORMAT = 2
+LEGACY_FORMAT = 1
 LOCAL_MODEL_ACTION = f"{MessageType.QUERY}.local_model"
 RESTORE_ACTION = f"{MessageType.QUERY}.restore_local_model"
 
@@ -66,7 +77,11 @@ RUNTIME_KEYS = ("backend", "device", "client-cpus", "client-gpus", "round-timeou
 
 
 def rng_state() -> dict[str, Any]:
-    """The server process's generator states: Python, NumPy, torch (and CUDA if present)."""
+    """The server process's generator states: Python, NumPy, torch (and CUDA if present).
+
+    Python's is a tuple of ints, torch's are ``uint8`` tensors; NumPy's key array is stored
+    as a tensor when the checkpoint is written (:func:`fedwa.safe_state.to_plain`).
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -87,9 +102,13 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def checkpoint_bytes(payload: Mapping[str, Any]) -> bytes:
-    """``payload`` serialised as a checkpoint file's contents."""
+    """``payload`` serialised as a checkpoint file's contents: plain data only.
+
+    Raises :class:`~fedwa.errors.UnsavableStateError` when it holds something else (see
+    :func:`fedwa.safe_state.to_plain`), rather than writing a file no safe load reads back.
+    """
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **payload}, buffer)
+    torch.save({"format": FORMAT, **to_plain(dict(payload), "checkpoint")}, buffer)
     return buffer.getvalue()
 
 
@@ -106,14 +125,28 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no {CHECKPOINT_NAME} to resume from (was it run "
                               "with checkpoint-every = 0, or killed before round 0 ended?)")
+    legacy = False
     try:
-        # Not weights_only: the file holds RNG states (NumPy arrays in tuples) and strategy
-        # state beside tensors. It is the run's own file, written by this code.
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            payload = load_data(path)
+        except UnsafeFileError as err:
+            # Read, never run: the names come from the pickle's opcodes, nothing was built.
+            if not set(err.names) <= legacy_numpy_names():
+                raise
+            # Format 1 pickled the numpy RNG state: numpy's array reconstructors only.
+            payload, legacy = load_data(path, legacy_numpy=True), True
+        payload = from_plain(payload)
+    except UnsafeFileError as err:
+        raise CheckpointError(f"{path} was refused and not loaded: it names {err}, which no "
+                              "fedwa checkpoint holds (only tensors and plain data), so "
+                              "nothing in it ran") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a fedwa checkpoint of format {FORMAT}")
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: "
+                              f"{one_line(err)})") from None
+    formats = (LEGACY_FORMAT,) if legacy else (FORMAT, LEGACY_FORMAT)
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
+        raise CheckpointError(f"{path} is not a fedwa checkpoint of format {FORMAT} (or "
+                              f"{LEGACY_FORMAT})")
     return payload
 
 
@@ -258,7 +291,10 @@ class Checkpointer:
         try:
             if not callable(getattr(self.strategy, "state_dict", None)):
                 raise UnsavableStateError("it has no state_dict()")
-            return self.strategy.state_dict()
+            # Converted now, so that state a safe load could not read back is found at the
+            # start of the run, not in a checkpoint that cannot be resumed.
+            return to_plain(self.strategy.state_dict(),
+                            f"{type(self.strategy).__name__}.state_dict()")
         except UnsavableStateError as err:
             self.unsavable = str(err)
             self.every = 0

@@ -101,8 +101,8 @@ def main() -> int:
     same = [{k: v for k, v in r.items() if k not in TIMING} for r in a] == \
         [{k: v for k, v in r.items() if k not in TIMING} for r in b]
     model_same = all(torch.equal(x, y) for x, y in zip(
-        torch.load(out / "whole" / "model.pt").values(),
-        torch.load(killed_dir / "model.pt").values()))
+        torch.load(out / "whole" / "model.pt", weights_only=True).values(),
+        torch.load(killed_dir / "model.pt", weights_only=True).values()))
     per_round = sum(r["seconds"] for r in a[1:]) / max(len(a) - 1, 1)
     print(f"config: {' '.join(common[:-2])}")
     print(f"uninterrupted run: {whole_seconds:.1f} s wall, {per_round:.2f} s per round")

@@ -229,8 +229,8 @@ def test_a_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(
     assert summary["resumes"] == [{"after_round": done,
                                    "seconds_to_resume": summary["resumes"][0][
                                        "seconds_to_resume"]}]
-    final = torch.load(killed / "model.pt")
-    expected = torch.load(whole / "model.pt")
+    final = torch.load(killed / "model.pt", weights_only=True)
+    expected = torch.load(whole / "model.pt", weights_only=True)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
@@ -327,6 +327,101 @@ def test_a_run_resumed_from_its_round_0_checkpoint_records_round_0_once(
 
     assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 0
     assert [r["round"] for r in read_rounds(run_dir)] == [0, 1, 2, 3]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    simulate(resolve_config({**settings, "output-dir": str(tmp_path)}), whole,
+             show_progress=False, plot=False)
+    assert comparable(read_rounds(run_dir)) == comparable(read_rounds(whole))
+    # Every file a run saves is plain tensors: it loads with weights_only=True.
+    saved = ["model.pt"] + (["node_models.pt"] if strategy == "gossip" else [])
+    for name in saved:
+        assert not torch.serialization.get_unsafe_globals_in_checkpoint(run_dir / name)
+        torch.load(run_dir / name, weights_only=True)
+
+
+class Hostile:
+    """Pickles as a call of ``open(path, "w")``: loading it with weights_only=False creates
+    ``path``, as the tester's 114-byte pickle ran ``os.system``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))
+
+
+def hostile_file(path: Path, target: Path, kind: str) -> None:
+    """A checkpoint.pt that would create ``target`` if it were unpickled freely."""
+    import pickle
+
+    if kind == "torch-zip":
+        torch.save({"format": 2, "round": 0, "x": Hostile(target)}, path)
+    elif kind == "raw-pickle":
+        path.write_bytes(pickle.dumps(Hostile(target)))
+    else:  # a format-1 file: numpy RNG state (allowed for it) beside the hostile object
+        torch.save({"format": 1, "rng": {"numpy": np.random.get_state()},
+                    "x": Hostile(target)}, path)
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle", "format-1"])
+def test_a_hostile_checkpoint_is_refused_in_one_line_and_never_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture, kind: str) -> None:
+    """Issue 17: --resume ran code from checkpoint.pt (torch.load(weights_only=False))."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"strategy": "fedavg"}))
+    target = tmp_path / "pwned"
+    hostile_file(run_dir / CHECKPOINT_NAME, target, kind)
+    assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not target.exists()
+    assert len(err) == 1 and "was refused and not loaded" in err[0] and "open" in err[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME, "config.json"]
+
+
+def test_a_checkpoint_is_plain_data_for_a_weights_only_load(finished: Path) -> None:
+    """Whatever reads a checkpoint (fedwa or anyone's torch.load) needs no pickled objects:
+    numpy's RNG state is stored as a tensor and comes back as numpy's state."""
+    raw = torch.load(finished / CHECKPOINT_NAME, weights_only=True)
+    assert raw["format"] == 2
+    assert not torch.serialization.get_unsafe_globals_in_checkpoint(finished / CHECKPOINT_NAME)
+    state = load_checkpoint(finished)["rng"]["numpy"]
+    assert isinstance(state[1], np.ndarray) and state[1].dtype == np.uint32
+    np.random.set_state(state)
+
+
+def test_state_that_is_not_data_turns_checkpoints_off_at_the_start(tmp_path: Path) -> None:
+    """A strategy state a safe load could not read back is found before the first round."""
+    from fedwa.checkpoint import Checkpointer
+    from fedwa.results import ResultsWriter
+
+    class Odd:
+        def state_dict(self) -> dict:
+            return {"kept": [1, {"sampler": random.Random(0)}]}
+
+    config = resolve_config({**SMALL, "output-dir": str(tmp_path)})
+    checkpointer = Checkpointer(ResultsWriter(tmp_path), config, Odd(), grid=None,
+                                total_rounds=1)
+    assert checkpointer.every == 0
+    assert "state_dict()['kept'][1]['sampler'] is a random.Random" in checkpointer.unsavable
+
+
+def test_a_format_1_checkpoint_still_resumes_without_unpickling_objects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints of the previous format pickled numpy RNG states (and numpy arrays of
+    Flower strategies' attributes); they load with numpy's array reconstructors allowed, and
+    nothing else, and the run continues exactly."""
+    settings = {**SMALL, "strategy": "flwr.serverapp.strategy:FedAdam", "num-server-rounds": 3,
+                "local-steps": 5}
+    run_dir = tmp_path / "run"
+    run_stopped(settings, run_dir, monkeypatch, checkpointed=1, stop_round=2)
+    old = load_checkpoint(run_dir)
+    torch.save({**old, "format": 1}, run_dir / CHECKPOINT_NAME)  # numpy arrays pickled
+    names = set(torch.serialization.get_unsafe_globals_in_checkpoint(run_dir / CHECKPOINT_NAME))
+    assert "numpy.ndarray" in names and all(n.startswith("numpy.") for n in names)
+
+    assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 0
+    assert load_checkpoint(run_dir)["format"] == 2  # later checkpoints are the new format
     whole = tmp_path / "whole"
     whole.mkdir()
     simulate(resolve_config({**settings, "output-dir": str(tmp_path)}), whole,

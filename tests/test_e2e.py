@@ -226,8 +226,8 @@ def test_batch_clients_trains_the_round_together_and_matches_one_by_one(
     # Batched kernels sum in another order: equal to float tolerance, not bit for bit.
     for a, b in zip(ones, together):
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=0.02)
-    final = torch.load(batched / "model.pt")
-    reference = torch.load(fedavg_run / "model.pt")
+    final = torch.load(batched / "model.pt", weights_only=True)
+    reference = torch.load(fedavg_run / "model.pt", weights_only=True)
     for name, value in reference.items():
         torch.testing.assert_close(final[name], value, rtol=1e-3, atol=1e-3)
 

@@ -70,7 +70,7 @@ def test_imwa_with_one_client_and_one_episode_is_plain_local_training(tmp_path: 
     spec = local_train_spec(config, {"server-round": 1, "local-epochs": 3,
                                      "progress-start": 0.0, "progress-end": 1.0})
     train_local(model, x, y, spec, seed=client_seed(int(config["seed"]), 1, 0))
-    saved = torch.load(run_dir / "model.pt")
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
     for name, value in model.state_dict().items():
         assert torch.allclose(saved[name], value, atol=1e-6), name
     assert len(read_rounds(run_dir)) == 2  # round 0 and the single episode
@@ -80,7 +80,7 @@ def test_federated_bn_statistics_equal_those_of_the_pooled_data(tmp_path: Path) 
     config, run_dir = run(tmp_path, "swa", strategy="swa", **{
         "swa-start-round": 1, "bn-recompute": "federated"})
     assert read_rounds(run_dir)[-1]["bn_route"] == {"swa": "federated"}
-    saved = torch.load(run_dir / "model.pt")
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
     data = federated_data(config)
     pooled = torch.cat([data.client_data(pid)[0] for pid in range(3)])
     model = make_model(config, data)

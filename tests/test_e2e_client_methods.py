@@ -38,17 +38,17 @@ def test_late_phase_weights_train_apart_after_the_start(strategy: str, tmp_path:
     rounds = read_rounds(run_dir)
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
     assert rounds[-1]["ensemble_accuracy"] is not None
-    members = torch.load(run_dir / "model_members.pt")
+    members = torch.load(run_dir / "model_members.pt", weights_only=True)
     first, second = member_copies(members, 2)
     assert set(first) == set(second) and first
     assert any(not torch.equal(first[n], second[n]) for n in first if "weight" in n)
-    plain = torch.load(run_dir / "model.pt")
+    plain = torch.load(run_dir / "model.pt", weights_only=True)
     assert not any("members" in n for n in plain) and "classifier.weight" in plain
 
 
 def test_late_phase_members_stay_one_model_before_the_start(tmp_path: Path) -> None:
     run_dir = run(tmp_path, "early", **{"late-phase-k": 3, "late-phase-start": 0.9})
-    copies = member_copies(torch.load(run_dir / "model_members.pt"), 3)
+    copies = member_copies(torch.load(run_dir / "model_members.pt", weights_only=True), 3)
     for name in copies[0]:
         assert torch.equal(copies[0][name], copies[1][name]), name
         assert torch.equal(copies[0][name], copies[2][name]), name
@@ -64,7 +64,7 @@ def test_shadow_weights_train_through_flower(strategy: str, tmp_path: Path) -> N
     run_dir = run(tmp_path, strategy, strategy=strategy, **{"was-layers": "all"})
     rounds = read_rounds(run_dir)
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
-    state = torch.load(run_dir / "model.pt")
+    state = torch.load(run_dir / "model.pt", weights_only=True)
     scales = {n: float(v) for n, v in state.items() if n.endswith("shadow_scale")}
     assert set(scales) == {"conv1.shadow_scale", "conv2.shadow_scale"}
 
@@ -84,7 +84,8 @@ def test_local_late_phase_members_change_the_run_only_after_a_late_round(tmp_pat
         assert (same["loss"], same["ensemble_accuracy"]) == (
             before["loss"], before["ensemble_accuracy"])
     assert records["local"][3]["loss"] != records["averaged"][3]["loss"]
-    members = {mode: torch.load(run_dir / "model_members.pt") for mode, run_dir in runs.items()}
+    members = {mode: torch.load(run_dir / "model_members.pt", weights_only=True)
+               for mode, run_dir in runs.items()}
     assert set(members["local"]) == set(members["averaged"])  # replies carry every entry
     assert any(not torch.equal(members["local"][n], members["averaged"][n])
                for n in members["local"] if ".members." in n)
@@ -108,7 +109,7 @@ def test_shadow_scale_starts_from_the_servers_draw_and_stays_under_batchnorm(
     assert set(initial) == {"conv1.shadow_scale", "conv2.shadow_scale"}
     assert all(0.0 < a < 1.0 for a in initial.values())
     assert len(set(initial.values())) == 2  # one draw per layer
-    final = torch.load(run_dir / "model.pt")
+    final = torch.load(run_dir / "model.pt", weights_only=True)
     for name, a in initial.items():
         assert float(final[name]) == pytest.approx(a, rel=1e-2), name
     rounds = read_rounds(run_dir)
@@ -130,7 +131,7 @@ def test_desire_oriented_evaluation_depends_only_on_model_seed_and_round(
     config = resolve_config({**SMALL, **settings})
     data = federated_data(config)
     model = make_model(config, data)
-    model.load_state_dict(torch.load(run_dir / "model.pt"))
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     x_test, y_test = data.test_data()
 
     def evaluate(server_round: int) -> dict:

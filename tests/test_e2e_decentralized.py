@@ -87,12 +87,12 @@ def test_gossip_on_a_full_graph_from_a_shared_init_is_fedavg(tmp_path: Path) -> 
                  **{"node-init": "shared", "merge-bn-recompute": False, **common})
     # Round 2: every node merges all round-1 models with weight 1/3 (FedAvg's average) and
     # trains from it as FedAvg's clients do; their plain average is FedAvg's global model.
-    global_model = torch.load(fedavg / "model.pt")
-    consensus = torch.load(gossip / "model.pt")
+    global_model = torch.load(fedavg / "model.pt", weights_only=True)
+    consensus = torch.load(gossip / "model.pt", weights_only=True)
     for key, value in global_model.items():
         if value.is_floating_point():
             assert torch.allclose(consensus[key], value, atol=1e-5), key
-    nodes = torch.load(gossip / "node_models.pt")
+    nodes = torch.load(gossip / "node_models.pt", weights_only=True)
     assert torch.allclose(weighted_average([nodes[p] for p in range(3)])["conv1.weight"],
                           global_model["conv1.weight"], atol=1e-5)
 
@@ -113,7 +113,7 @@ def test_dimat_records_node_and_consensus_metrics(tmp_path: Path) -> None:
                       for t in make_model(config, federated_data(config)).state_dict().values())
     assert 3 * model_bytes <= last["bytes_per_node"] < 3 * model_bytes * 1.05
     assert last["client_train"]["align-seconds"] > 0
-    nodes = torch.load(run_dir / "node_models.pt")
+    nodes = torch.load(run_dir / "node_models.pt", weights_only=True)
     assert sorted(nodes) == [0, 1, 2, 3]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
@@ -136,7 +136,7 @@ def test_a_failing_node_is_left_out_and_keeps_its_model(tmp_path: Path) -> None:
     # The relay still holds its initial (shared) model; the others moved on.
     config = resolve_config({**SMALL, "strategy": "gossip"})
     init = make_model(config, federated_data(config)).state_dict()
-    nodes = torch.load(run_dir / "node_models.pt")
+    nodes = torch.load(run_dir / "node_models.pt", weights_only=True)
     assert all(torch.equal(nodes[1][k], v) for k, v in init.items())
     assert not torch.equal(nodes[0]["conv1.weight"], init["conv1.weight"])
 

@@ -102,7 +102,8 @@ def test_a_flower_strategy_with_state_resumes_to_an_uninterrupted_run(tmp_path: 
     assert load_checkpoint(stopped)["strategy"]["m_t"] is not None
     assert cli_main(["run", "--quiet", "--resume", str(stopped)]) == 0
     assert comparable(read_rounds(stopped)) == comparable(read_rounds(tmp_path / "whole"))
-    final, expected = torch.load(stopped / "model.pt"), torch.load(tmp_path / "whole" / "model.pt")
+    final = torch.load(stopped / "model.pt", weights_only=True)
+    expected = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 

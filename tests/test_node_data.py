@@ -79,7 +79,7 @@ def test_federated_evaluation_equals_evaluating_the_union_of_held_out_splits(
     y = torch.cat([s.y_test for s in splits])
     assert rounds[-1]["eval_examples"] == len(y) and rounds[-1]["evaluated_by"] == 3
     model = make_model(config, data)
-    model.load_state_dict(torch.load(run_dir / "model.pt"))
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     central = evaluate_model(model, x, y, num_classes=data.num_classes,
                              train_class_counts=[1] * data.num_classes)
     assert rounds[-1]["accuracy"] == pytest.approx(central["accuracy"], abs=1e-12)

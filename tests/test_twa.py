@@ -281,7 +281,7 @@ def test_state_dict_round_trips():
     torch.save(s.state_dict(), buffer)
     buffer.seek(0)
     loaded = Subspace.from_candidates(_candidates(2, 3))
-    loaded.load_state_dict(torch.load(buffer))
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(loaded.centre, s.centre) and torch.equal(loaded.basis, s.basis)
     assert loaded.blocks == [(0, 5), (5, 12)]
 
@@ -314,7 +314,7 @@ def test_adamw_state_round_trips_with_moments_and_step_count():
     torch.save(state, buffer)
     buffer.seek(0)
     resumed = SubspaceOptimizer(s, 0.05, **settings)
-    resumed.load_state_dict(torch.load(buffer))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.steps == 3 and resumed.current_lr() == opt.current_lr()
     for grad in grads[3:]:
         assert torch.equal(resumed.step(grad), opt.step(grad))
