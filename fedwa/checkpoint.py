@@ -166,12 +166,27 @@ def checkpointed_records(checkpoint: Mapping[str, Any], run_dir: str | Path
     return records
 
 
+def check_not_finished(run_dir: str | Path) -> None:
+    """Refuse a run that completed: resuming it would rewrite its ``summary.json`` (its
+    ``total_seconds`` became the seconds of the empty resume) and ``model.pt``. A failed run
+    (``status`` failed) or a killed one (no ``summary.json``) may be resumed."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        status = json.loads(path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return  # no summary (killed), or a torn one: the checkpoint decides
+    if status == "completed":
+        raise CheckpointError(f"{run_dir} is a finished run (summary.json: status completed); "
+                              "there is nothing to resume, and its results stay as they are")
+
+
 def resume_config(run_dir: str | Path, runtime: Mapping[str, Any] | None = None
                   ) -> dict[str, Any]:
     """The overrides that continue ``run_dir``: its saved config, ``resume`` set to it, and
     ``runtime`` keys (only those of :data:`RUNTIME_KEYS`) on top.
 
-    Raises :class:`CheckpointError` when the folder is not a resumable run, and
+    Raises :class:`CheckpointError` when the folder is not a resumable run (or a finished
+    one), and
     :class:`~fedwa.errors.ConfigError` when ``runtime`` holds a key that would change what
     the run computes.
     """
@@ -181,6 +196,7 @@ def resume_config(run_dir: str | Path, runtime: Mapping[str, Any] | None = None
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{run_dir} is not a fedwa run folder (no config.json)")
+    check_not_finished(run_dir)
     checkpointed_records(load_checkpoint(run_dir), run_dir)  # fail now, before any engine starts
     for key in runtime or {}:
         if key not in RUNTIME_KEYS:

@@ -21,6 +21,7 @@ from fedwa.config import all_known_keys, core_keys, load_toml, parse_set, resolv
 from fedwa.errors import ConfigError, FedwaError
 from fedwa.results import (default_run_name, mean_std, plot_curves, plot_run, read_rounds,
                            unique_dir)
+from fedwa.runlock import RunLock, remove_if_empty
 
 # Quiet, offline-friendly Flower defaults; a user's own environment wins.
 FLOWER_ENV = {
@@ -36,9 +37,17 @@ FLOWER_ENV = {
 
 
 def gather_overrides(config_file: str | None, sets: Sequence[str]) -> dict[str, Any]:
-    """TOML file values, then ``--set`` pairs on top."""
+    """TOML file values, then ``--set`` pairs on top.
+
+    ``resume`` is refused here: given as a key, it resumed the old folder from inside a new
+    run that had made (and left empty) a folder of its own, and exited 1 without saying why.
+    The CLI resumes with ``--resume`` (``flwr run`` takes the key, see the README).
+    """
     overrides: dict[str, Any] = load_toml(config_file) if config_file else {}
     overrides.update(parse_set(sets))
+    if overrides.get("resume"):
+        raise ConfigError("resume", overrides["resume"], "'' here; to continue that run, "
+                          f"use: fedwa run --resume {overrides['resume']}")
     return overrides
 
 
@@ -136,13 +145,33 @@ class Progress:
 
 def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = True,
              label: str | None = None, verbose: bool = False,
-             plot: bool = True) -> dict[str, Any]:
+             plot: bool = True, lock: RunLock | None = None) -> dict[str, Any]:
     """Run one validated config on its simulation backend; return its summary.
 
     ``plot=False`` leaves out the run's ``accuracy.png`` (for sweeps and benchmarks).
     ``backend = local`` drives the ServerApp and ClientApp in this process
     (:mod:`fedwa.local_backend`); ``ray`` hands them to Flower's simulation engine.
+    ``lock`` is ``run_dir``'s lock when the caller holds it; otherwise it is taken here
+    (:class:`~fedwa.errors.RunFolderBusyError` when another process holds it).
+
+    An error that ends the run before it writes ``summary.json`` (a check inside the
+    ServerApp, a config that does not match the checkpoint) is raised as it was, so the user
+    sees its message rather than a missing file.
     """
+    own_lock = None
+    if lock is None or not lock.covers(run_dir):
+        own_lock = lock = RunLock(run_dir).acquire()
+    try:
+        return _simulate(config, run_dir, show_progress=show_progress, label=label,
+                         verbose=verbose, plot=plot, lock=lock)
+    finally:
+        if own_lock is not None:
+            own_lock.release()
+
+
+def _simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool,
+              label: str | None, verbose: bool, plot: bool, lock: RunLock) -> dict[str, Any]:
+    """:func:`simulate` with the run folder locked."""
     for name, value in FLOWER_ENV.items():
         os.environ.setdefault(name, value)
     # Imported here so that `fedwa --help` and config errors stay fast.
@@ -152,14 +181,22 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
 
     set_log_levels(verbose)
     rounds = total_rounds(build_strategy(config), config)
-    server_app = build_server_app(config, run_dir, plot=plot)
+    server_app = build_server_app(config, run_dir, plot=plot, lock=lock)
+    summary_path = run_dir / "summary.json"
+    # A failed attempt's summary may be there already: only one this run wrote counts.
+    before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
     with Progress(run_dir, rounds, label or run_dir.name, show_progress):
         if config["backend"] == "local":
             _run_local(server_app, client_app, config)
         else:
             _run_ray(server_app, client_app, config, verbose)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
+    written = summary_path.exists() and summary_path.stat().st_mtime_ns != before
+    if not written:
+        error = server_app.fedwa_error
+        if error is not None:
+            # A FedwaError becomes one line in main(); anything else is a bug and keeps its
+            # traceback (Ray's engine had swallowed both).
+            raise error
         raise FedwaError(f"the run stopped before writing {summary_path}; see the log above")
     summary = json.loads(summary_path.read_text())
     if summary.get("status") != "completed":
@@ -198,21 +235,42 @@ def _run_ray(server_app: Any, client_app: Any, config: Mapping[str, Any],
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.resume:
-        from fedwa.checkpoint import resume_config
+    if args.resume and args.config:
+        raise ConfigError("CONFIG", args.config, "no config file with --resume: a resumed "
+                          "run keeps the config saved in its folder")
+    lock: RunLock | None = None
+    created: Path | None = None
+    try:
+        if args.resume:
+            from fedwa.checkpoint import load_checkpoint, resume_config
+            from fedwa.server_app import check_resumable
 
-        if args.config:
-            raise ConfigError("CONFIG", args.config, "no config file with --resume: a resumed "
-                              "run keeps the config saved in its folder")
-        config = resolve_config(resume_config(args.resume, parse_set(args.set)))
-        run_dir = Path(config["resume"])
-    else:
-        config = resolve_config(gather_overrides(args.config, args.set))
-    set_log_levels(args.verbose)
-    check_runnable(config)
-    if not args.resume:
-        run_dir = unique_dir(config["output-dir"], config["run-name"] or default_run_name(config))
-    summary = simulate(config, run_dir, show_progress=not args.quiet, verbose=args.verbose)
+            run_dir = Path(args.resume).resolve()
+            if (run_dir / "config.json").is_file():
+                # First: a folder another process is running is said to be so, and changed
+                # by no one else from here to the end of this run.
+                lock = RunLock(run_dir).acquire()
+            config = resolve_config(resume_config(run_dir, parse_set(args.set)))
+            # An edited config.json: said now, in one line, not from inside the engine.
+            check_resumable(load_checkpoint(run_dir), config)
+        else:
+            config = resolve_config(gather_overrides(args.config, args.set))
+        set_log_levels(args.verbose)
+        check_runnable(config)
+        if not args.resume:
+            run_dir = unique_dir(config["output-dir"],
+                                 config["run-name"] or default_run_name(config))
+            created = run_dir
+            lock = RunLock(run_dir).acquire()
+        summary = simulate(config, run_dir, show_progress=not args.quiet,
+                           verbose=args.verbose, lock=lock)
+    except BaseException:
+        if created is not None:
+            remove_if_empty(created)  # a run that failed before writing anything
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
     final = summary["final"]
     print(f"final accuracy {final['accuracy']:.4f}, balanced {final['balanced_accuracy']:.4f} "
           f"after {summary['rounds']} rounds ({summary['total_seconds']:.1f}s)")
@@ -297,8 +355,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for i, (strategy, seed, config) in enumerate(plan, 1):
         run_dir = unique_dir(out, f"{strategy.replace(':', '.')}-s{seed}")
         label = f"[{i}/{len(plan)}] {strategy} seed {seed}"
-        simulate(config, run_dir, show_progress=not args.quiet, label=label,
-                 verbose=args.verbose)
+        try:
+            simulate(config, run_dir, show_progress=not args.quiet, label=label,
+                     verbose=args.verbose)
+        except BaseException:
+            # Folders a failed run left empty go, and the comparison's if nothing is left.
+            if remove_if_empty(run_dir):
+                remove_if_empty(out)
+            raise
         groups[strategy].append(run_dir)
     table, numbers = comparison_table(groups, args.target)
     (out / "compare.md").write_text(table)

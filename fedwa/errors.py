@@ -39,3 +39,11 @@ class CheckpointError(FedwaError):
 class UnsavableStateError(FedwaError):
     """A strategy holds state that a checkpoint cannot store as data (the run goes on, but
     cannot be resumed)."""
+
+
+class RunFolderBusyError(FedwaError):
+    """Another process holds the run folder's lock (it is running or resuming that run).
+
+    The CLI exits with status 1, not 2: the command and its config are fine, the folder is in
+    use now, and the same command works once the other run has ended.
+    """

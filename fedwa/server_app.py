@@ -21,8 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedwa.arrays import record_named, to_record, to_state_dict
 from fedwa.bn import (batchnorm_layers, combine_moments, has_batchnorm, moments_to_stats,
                       recompute_bn, set_bn_stats)
-from fedwa.checkpoint import (RUNTIME_KEYS, Checkpointer, checkpointed_records, load_checkpoint,
-                              restore_client_models, resume_config, set_rng_state)
+from fedwa.checkpoint import (RUNTIME_KEYS, Checkpointer, check_not_finished,
+                              checkpointed_records, load_checkpoint, restore_client_models,
+                              resume_config, set_rng_state)
 from fedwa.config import resolve_config
 from fedwa.errors import AllClientsFailedError, CheckpointError
 from fedwa.grid import FedwaGrid
@@ -30,6 +31,7 @@ from fedwa.late_phase import collapse_state, ensemble_logits, num_members, set_a
 from fedwa.metrics import classification_report, evaluate_model, report_from_counts
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
 from fedwa.rounds import run_rounds
+from fedwa.runlock import RunLock, remove_if_empty
 from fedwa.shadow import evaluation_seed, reseed_shadow
 from fedwa.task import (check_model_fits, federated_data, make_model, make_plain_model,
                         shot_options)
@@ -59,25 +61,38 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def build_server_app(config: Mapping[str, Any], run_dir: str | Path | None = None, *,
-                     plot: bool = True) -> ServerApp:
+                     plot: bool = True, lock: RunLock | None = None) -> ServerApp:
     """A ServerApp bound to a resolved config and, optionally, a run folder made beforehand.
 
     ``plot=False`` skips ``accuracy.png`` (importing matplotlib and drawing take about a second,
-    which sweeps of short runs need not pay; ``fedwa plot RUN`` draws it later)."""
+    which sweeps of short runs need not pay; ``fedwa plot RUN`` draws it later). ``lock`` is
+    the run folder's lock when the caller holds it already (the CLI takes it before its
+    checks). The exception that ended the ServerApp, if any, is kept as its
+    ``fedwa_error``: Ray's engine swallows it, and an error raised before ``summary.json``
+    exists would otherwise reach the user as no more than a missing file."""
     server = ServerApp()
+    server.fedwa_error = None
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, run_dir, plot=plot)
+        try:
+            run_federation(grid, config, run_dir, plot=plot, lock=lock)
+        except BaseException as err:
+            server.fedwa_error = err
+            raise
 
     return server
 
 
 def run_federation(grid: Grid, config: Mapping[str, Any],
-                   run_dir: str | Path | None = None, *, plot: bool = True) -> Path:
+                   run_dir: str | Path | None = None, *, plot: bool = True,
+                   lock: RunLock | None = None) -> Path:
     """Run every round of one federated run and write its results folder; return the folder.
 
-    With ``resume`` set, continue that folder's run after its last checkpointed round.
+    With ``resume`` set, continue that folder's run after its last checkpointed round. The
+    folder's lock (:mod:`fedwa.runlock`) is held from before the checkpoint is read to after
+    ``summary.json`` is written; ``lock`` is used when it is that folder's and held already.
+    A folder this call created and left empty (it failed before writing anything) is removed.
     """
     started = time.perf_counter()
     config = dict(config)
@@ -90,13 +105,40 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     check_model = getattr(strategy, "check_model", None)
     if check_model is not None:
         check_model(model.state_dict())
-    checkpoint = None
+    created = False
     if config["resume"]:
         run_dir = Path(config["resume"])
-        checkpoint = load_checkpoint(run_dir)
-        check_resumable(checkpoint, config)
+        if not (run_dir / "config.json").is_file():
+            raise CheckpointError(f"{run_dir} is not a fedwa run folder (no config.json)")
     elif run_dir is None:
         run_dir = unique_dir(config["output-dir"], config["run-name"] or default_run_name(config))
+        created = True
+    else:
+        created = not Path(run_dir).exists()
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    own_lock = None if lock is not None and lock.covers(run_dir) else RunLock(run_dir).acquire()
+    try:
+        return _run_locked(grid, config, Path(run_dir), plot, started, device, data, model,
+                           strategy)
+    except BaseException:
+        if created:
+            remove_if_empty(run_dir)
+        raise
+    finally:
+        if own_lock is not None:
+            own_lock.release()
+
+
+def _run_locked(grid: Grid, config: dict[str, Any], run_dir: Path, plot: bool,
+                started: float, device: torch.device, data: Any, model: torch.nn.Module,
+                strategy: Any) -> Path:
+    """:func:`run_federation` once the run folder is locked."""
+    checkpoint = None
+    if config["resume"]:
+        # Checked under the lock: a run that finished meanwhile is not run again.
+        check_not_finished(run_dir)
+        checkpoint = load_checkpoint(run_dir)
+        check_resumable(checkpoint, config)
     writer = ResultsWriter(run_dir, plot=plot)
     if checkpoint is None:
         writer.write("config.json", config)
@@ -153,8 +195,8 @@ def check_resumable(checkpoint: Mapping[str, Any], config: Mapping[str, Any]) ->
     if changed:
         key = changed[0]
         raise CheckpointError(f"the checkpoint in {config['resume']} was written with "
-                              f"{key} = {saved.get(key)!r}, this run has {config.get(key)!r}; "
-                              "a resumed run keeps its config")
+                              f"{key} = {saved.get(key)!r}, this run has {config.get(key)!r} "
+                              "(was config.json edited?); a resumed run keeps its config")
 
 
 def restore(checkpoint: Mapping[str, Any], strategy: Any, grid: FedwaGrid,

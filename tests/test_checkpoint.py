@@ -85,7 +85,17 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_resume_keeps_the_saved_config_and_takes_only_runtime_keys(finished: Path) -> None:
+@pytest.fixture()
+def unfinished(finished: Path, tmp_path: Path) -> Path:
+    """``finished`` as if killed after its last checkpoint, before summary.json."""
+    run_dir = tmp_path / "unfinished"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "summary.json").unlink()
+    return run_dir
+
+
+def test_resume_keeps_the_saved_config_and_takes_only_runtime_keys(unfinished: Path) -> None:
+    finished = unfinished
     overrides = resume_config(finished, {"round-timeout": 60.0})
     assert overrides["resume"] == str(finished.resolve())
     assert overrides["round-timeout"] == 60.0 and overrides["model"] == "mlp"
@@ -103,20 +113,21 @@ def test_the_cli_refuses_a_folder_without_checkpoint_in_one_line(
     assert "not a fedwa run folder" in capsys.readouterr().err
 
 
-def test_a_checkpoint_of_another_config_is_refused(finished: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_of_another_config_is_refused(unfinished: Path, tmp_path: Path) -> None:
     from fedwa.server_app import check_resumable
 
+    finished = unfinished
     checkpoint = load_checkpoint(finished)
     config = resolve_config({**resume_config(finished), "lr": 0.01})
     with pytest.raises(CheckpointError, match="written with lr = 0.05, this run has 0.01"):
         check_resumable(checkpoint, config)
 
 
-def test_a_truncated_metrics_file_is_refused_before_resuming(finished: Path,
+def test_a_truncated_metrics_file_is_refused_before_resuming(unfinished: Path,
                                                              tmp_path: Path) -> None:
     # The checkpoint counts the records; metrics.jsonl holds them (rounds 0, 1, 2).
     damaged = tmp_path / "damaged"
-    shutil.copytree(finished, damaged)
+    shutil.copytree(unfinished, damaged)
     lines = (damaged / "metrics.jsonl").read_text().splitlines(keepends=True)
     (damaged / "metrics.jsonl").write_text("".join(lines[:2]))
     with pytest.raises(CheckpointError, match="holds 2 round records up to round 2, the "
@@ -124,12 +135,19 @@ def test_a_truncated_metrics_file_is_refused_before_resuming(finished: Path,
         resume_config(damaged)
 
 
-def test_resuming_a_finished_run_changes_nothing(finished: Path) -> None:
-    before = comparable(read_rounds(finished))
-    assert cli_main(["run", "--quiet", "--resume", str(finished)]) == 0
-    assert comparable(read_rounds(finished)) == before
-    summary = json.loads((finished / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["resumes"][0]["after_round"] == 2
+def folder_bytes(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a folder, by name, with its contents."""
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(
+        finished: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 17: it rewrote summary.json (total_seconds 8.51 -> 0.07) and model.pt."""
+    before = folder_bytes(finished)
+    assert cli_main(["run", "--quiet", "--resume", str(finished)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a finished run (summary.json: status completed)" in err[0]
+    assert folder_bytes(finished) == before
 
 
 def test_checkpoint_every_zero_writes_none(tmp_path: Path) -> None:
@@ -427,3 +445,123 @@ def test_a_format_1_checkpoint_still_resumes_without_unpickling_objects(
     simulate(resolve_config({**settings, "output-dir": str(tmp_path)}), whole,
              show_progress=False, plot=False)
     assert comparable(read_rounds(run_dir)) == comparable(read_rounds(whole))
+
+
+def cli_sets(settings: dict) -> list[str]:
+    """``--set key=value`` arguments for ``settings``."""
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def test_a_second_process_cannot_resume_a_folder_in_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Issue 17: two resumes of one folder at once interleaved their rounds and both exited
+    0. The folder's lock is held here by another process, as a running resume holds it."""
+    settings = {**SMALL, "num-server-rounds": 3, "local-steps": 5}
+    run_dir = tmp_path / "run"
+    run_stopped(settings, run_dir, monkeypatch, checkpointed=1, stop_round=2)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fedwa.runlock import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
+         str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, env=os.environ.copy())
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        before = folder_bytes(run_dir)
+        assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1
+        assert f"is in use by another fedwa run (process {holder.pid}); nothing was" in err[0]
+        assert folder_bytes(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once the other process is gone (even killed), the folder resumes.
+    assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 0
+    assert [r["round"] for r in read_rounds(run_dir)] == [0, 1, 2, 3]
+    assert not (run_dir / ".fedwa.lock").exists()
+
+
+def test_a_new_run_holds_its_folder_lock_until_it_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New runs lock their folder too: a resume cannot start on a run that is still going."""
+    import fedwa.server_app as server
+    from fedwa.errors import RunFolderBusyError
+    from fedwa.runlock import RunLock
+
+    seen: list[object] = []
+
+    class Probing(server.Checkpointer):
+        def __call__(self, server_round: int, arrays: object) -> None:
+            if server_round == 1:
+                try:
+                    RunLock(self.writer.run_dir).acquire().release()
+                    seen.append("acquired")
+                except RunFolderBusyError as err:
+                    seen.append(err)
+            super().__call__(server_round, arrays)
+
+    monkeypatch.setattr(server, "Checkpointer", Probing)
+    run_dir = tmp_path / "run"
+    settings = {**SMALL, "num-server-rounds": 2, "local-steps": 2, "output-dir": tmp_path,
+                "run-name": "run"}
+    assert cli_main(["run", "--quiet", *cli_sets(settings)]) == 0
+    assert len(seen) == 1 and isinstance(seen[0], RunFolderBusyError)
+    assert not (run_dir / ".fedwa.lock").exists()
+    RunLock(run_dir).acquire().release()  # let go at the end
+
+
+def test_an_error_inside_the_server_app_is_shown_and_its_empty_folder_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Issue 17: a bad was-layers value that reached the ServerApp (here: with the CLI's
+    pre-checks skipped) showed only 'the run stopped before writing summary.json', even
+    with --verbose, and left an empty run folder."""
+    import fedwa.cli
+
+    monkeypatch.setattr(fedwa.cli, "check_runnable", lambda config: None)
+    out = tmp_path / "out"
+    settings = {**SMALL, "model": "cnn", "was-layers": "bogus", "output-dir": out}
+    assert cli_main(["run", "--quiet", "--verbose", *cli_sets(settings)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if line.startswith("fedwa: error")]
+    assert len(err) == 1 and "config key 'was-layers' = 'bogus' is not allowed" in err[0]
+    assert list(out.iterdir()) == []
+
+
+def test_an_edited_config_on_resume_is_said_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Issue 17: an edited config.json on resume ended as 'the run stopped before writing
+    summary.json'. The CLI says it before the engine starts; a caller that skips that check
+    (simulate) still gets the ServerApp's own message."""
+    settings = {**SMALL, "num-server-rounds": 3, "local-steps": 5}
+    run_dir = tmp_path / "run"
+    run_stopped(settings, run_dir, monkeypatch, checkpointed=1, stop_round=2)
+    (run_dir / "summary.json").unlink()  # as a SIGKILL leaves it
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**saved, "lr": 0.01}))
+    before = folder_bytes(run_dir)
+    assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was written with lr = 0.05, this run has 0.01" in err[0]
+    assert folder_bytes(run_dir) == before
+
+    with pytest.raises(CheckpointError, match="written with lr = 0.05, this run has 0.01"):
+        simulate(resolve_config(resume_config(run_dir)), run_dir, show_progress=False,
+                 plot=False)
+    assert folder_bytes(run_dir) == before
+
+
+def test_set_resume_is_refused_before_any_folder_is_made(
+        unfinished: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 17: ``--set resume=DIR`` resumed the old run from inside a new one, exited 1
+    and left an empty ``-2`` folder."""
+    parent = unfinished.parent
+    listing = sorted(p.name for p in parent.iterdir())
+    before = folder_bytes(unfinished)
+    settings = {"resume": unfinished, "output-dir": parent, "run-name": unfinished.name}
+    assert cli_main(["run", "--quiet", *cli_sets(settings)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"use: fedwa run --resume {unfinished}" in err[0]
+    assert sorted(p.name for p in parent.iterdir()) == listing
+    assert folder_bytes(unfinished) == before
