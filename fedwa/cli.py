@@ -1,7 +1,8 @@
 """The ``fedwa`` command: run one simulation, compare strategies over seeds, redraw plots.
 
 User errors (bad config, missing data, a run whose clients all failed) print one line and exit
-with status 2 (config) or 1 (run); only a bug prints a traceback.
+with status 2 (config) or 1 (run; also a run folder another process is using, a finished run
+given to ``--resume``, a checkpoint that is refused); only a bug prints a traceback.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
     """
     own_lock = None
     if lock is None or not lock.covers(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)  # as the ServerApp's writer would
         own_lock = lock = RunLock(run_dir).acquire()
     try:
         return _simulate(config, run_dir, show_progress=show_progress, label=label,

@@ -846,6 +846,13 @@ class Deployment:
             run_dir = Path(given["resume"])
             if not run_dir.is_absolute():
                 raise DeployError(f"resume must be an absolute path, not {run_dir}")
+            from fedwa.checkpoint import check_not_finished
+            from fedwa.runlock import RunLock
+
+            # Before the summary goes: a finished run is refused, and a folder another
+            # process is running is left alone (the ServerApp checks both again, locked).
+            check_not_finished(run_dir)
+            RunLock(run_dir).acquire().release()
             (run_dir / "summary.json").unlink(missing_ok=True)  # the ServerApp rewrites it
             run_id = self.submit(project_dir, text.strip())
             return self.wait_run(run_id, run_dir.parent, set(), timeout, run_dir=run_dir)

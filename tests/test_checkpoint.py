@@ -565,3 +565,54 @@ def test_set_resume_is_refused_before_any_folder_is_made(
     assert len(err) == 1 and f"use: fedwa run --resume {unfinished}" in err[0]
     assert sorted(p.name for p in parent.iterdir()) == listing
     assert folder_bytes(unfinished) == before
+
+
+def test_strategy_state_of_every_shape_round_trips_through_a_weights_only_load() -> None:
+    """What strategies' state_dicts hold (foreign.attribute_state's tagged dicts with numpy
+    arrays, random states, Flower records, numpy scalars, nested containers) comes back
+    equal, in type and bytes, from a file torch reads with weights_only=True."""
+    import io
+    from collections import OrderedDict
+
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    from fedwa.safe_state import from_plain, to_plain
+    from strategies.foreign import _plain
+
+    state = {
+        "foreign": _plain({"m_t": ArrayRecord({"w": torch.ones(2, 3)}).to_numpy_ndarrays(),
+                           "pair": (np.float32(1.5), None), "rng": random.Random(3)}, "x"),
+        "numpy_rng": np.random.get_state(),
+        "arrays": {"u32": np.arange(3, dtype=np.uint32), "big": np.arange(2, dtype=">f8"),
+                   "text": np.array(["a", "bc"]), "empty": np.zeros((0, 2), np.float16)},
+        "scalars": [np.float64(0.25), np.int64(-3), np.bool_(True)],
+        "record": ArrayRecord(OrderedDict(w=torch.arange(4.0), n=torch.tensor(7))),
+        "metrics": MetricRecord({"a": 1.0, "b": [1, 2]}), "config": ConfigRecord({"s": b"x"}),
+        "tensors": OrderedDict(w=torch.nn.Parameter(torch.ones(2))), "nested": [(1, "a"), {}],
+    }
+    buffer = io.BytesIO()
+    torch.save(to_plain(state), buffer)
+    buffer.seek(0)
+    back = from_plain(torch.load(buffer, weights_only=True))
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, torch.Tensor):
+            return type(b) is torch.Tensor and torch.equal(a.detach(), b)
+        if isinstance(a, np.ndarray):
+            return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+        if isinstance(a, np.generic):
+            return type(a) is type(b) and a == b
+        if isinstance(a, ArrayRecord):
+            return isinstance(b, ArrayRecord) and [(k, v.dtype, v.shape, v.data) for k, v in
+                                                    a.items()] == [(k, v.dtype, v.shape, v.data)
+                                                                   for k, v in b.items()]
+        if isinstance(a, (MetricRecord, ConfigRecord)):
+            return type(a) is type(b) and dict(a) == dict(b)
+        if isinstance(a, dict):
+            return type(a) is type(b) and list(a) == list(b) and all(same(a[k], b[k])
+                                                                     for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        return type(a) is type(b) and a == b
+
+    assert same(state, back)
