@@ -137,7 +137,11 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
             payload, legacy = load_data(path, legacy_numpy=True), True
         payload = from_plain(payload)
     except UnsafeFileError as err:
-        raise CheckpointError(f"{path} was refused and not loaded: it names {err}, which no "
+        # Named first: what made it refused, not numpy's names a format-1 file may also hold.
+        legacy_names = legacy_numpy_names()
+        names = [n for n in err.names if n not in legacy_names] or err.names
+        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        raise CheckpointError(f"{path} was refused and not loaded: it names {shown}, which no "
                               "fedwa checkpoint holds (only tensors and plain data), so "
                               "nothing in it ran") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
