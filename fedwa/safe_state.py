@@ -32,6 +32,7 @@ unpickled under the same restrictions, so allowing them runs no code of the file
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -272,10 +273,13 @@ def load_data(path: str | Path, *, legacy_numpy: bool = False) -> Any:
         Whatever torch raises for a file it cannot read (torn, not a torch file).
     """
     try:
-        if legacy_numpy:
-            with torch.serialization.safe_globals(_legacy_numpy_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about a bare pickle's protocol on stderr: the refusal is the one line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if legacy_numpy:
+                with torch.serialization.safe_globals(_legacy_numpy_globals()):
+                    return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's message is many lines and, for a bare pickle, may only name an opcode:
         # name the globals themselves.

@@ -368,6 +368,13 @@ class Hostile:
         return (open, (str(self.path), "w"))
 
 
+class HostileCommand(Hostile):
+    """The tester's case: a pickle that runs a shell command (here one that makes a file)."""
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.path}",))
+
+
 def hostile_file(path: Path, target: Path, kind: str) -> None:
     """A checkpoint.pt that would create ``target`` if it were unpickled freely."""
     import pickle
@@ -376,12 +383,14 @@ def hostile_file(path: Path, target: Path, kind: str) -> None:
         torch.save({"format": 2, "round": 0, "x": Hostile(target)}, path)
     elif kind == "raw-pickle":
         path.write_bytes(pickle.dumps(Hostile(target)))
+    elif kind == "os-system":
+        path.write_bytes(pickle.dumps(HostileCommand(target), protocol=2))
     else:  # a format-1 file: numpy RNG state (allowed for it) beside the hostile object
         torch.save({"format": 1, "rng": {"numpy": np.random.get_state()},
                     "x": Hostile(target)}, path)
 
 
-@pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle", "format-1"])
+@pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle", "os-system", "format-1"])
 def test_a_hostile_checkpoint_is_refused_in_one_line_and_never_runs(
         tmp_path: Path, capsys: pytest.CaptureFixture, kind: str) -> None:
     """Issue 17: --resume ran code from checkpoint.pt (torch.load(weights_only=False))."""
@@ -393,7 +402,8 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_and_never_runs(
     assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert not target.exists()
-    assert len(err) == 1 and "was refused and not loaded" in err[0] and "open" in err[0]
+    assert len(err) == 1 and "was refused and not loaded" in err[0]
+    assert ("system" if kind == "os-system" else "open") in err[0]
     assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME, "config.json"]
 
 
