@@ -1261,7 +1261,13 @@ def run_config_text(args: argparse.Namespace) -> str:
     from fedwa.config import load_toml, parse_set, resolve_config
 
     # `--run-config "k=v k2='text'"`: shell-style words, each a `--set` pair.
-    pairs = parse_set(shlex.split(args.run_config))
+    try:
+        words = shlex.split(args.run_config)
+    except ValueError as err:  # an unclosed quote: shlex says "No closing quotation"
+        raise ConfigError("--run-config", args.run_config, "space-separated key=value words "
+                          f"with every quote closed, e.g. \"lr=0.1 model='mlp'\" "
+                          f"({str(err).lower()})") from None
+    pairs = parse_set(words)
     if args.resume:
         if args.config:
             raise ConfigError("CONFIG", args.config, "no config file with --resume: a resumed "
