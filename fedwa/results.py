@@ -107,7 +107,9 @@ def check_output_dir(output_dir: str | Path, key: str = "output-dir") -> None:
 
 def default_run_name(config: Mapping[str, Any]) -> str:
     def plain(name: Any) -> str:  # module:Class plug-ins, without a path separator
-        return str(name).replace(":", ".").replace("/", ".")
+        # Cut to 60 characters: a long import path must not push the folder name past the
+        # file system's 255 bytes (the run-name key allows 200).
+        return str(name).replace(":", ".").replace("/", ".").replace("\\", ".")[-60:]
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{plain(config['strategy'])}-{plain(config['dataset'])}-s{config['seed']}-{stamp}"

@@ -326,3 +326,22 @@ def test_issue_17_compare_name_that_escapes(tmp_path: Path, capsys) -> None:  # 
                  "--set", "model=mlp", "--set", f"output-dir={tmp_path / 'runs'}"])
     expect_one_line(code, capsys.readouterr().err, "--name", "one folder name")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_issue_17_deploy_output_dir_checked_before_anything_starts(tmp_path: Path,
+                                                                  capsys) -> None:  # noqa: ANN001
+    (tmp_path / "FILE").write_text("not a folder")
+    code = main(["deploy", "run", "--workdir", str(tmp_path / "work"),
+                 "--output-dir", str(tmp_path / "FILE")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "'--output-dir'" in err and "it is a file" in err
+    assert not (tmp_path / "work").exists()
+
+
+def test_default_run_name_of_a_long_import_path_fits_a_file_name() -> None:
+    from fedwa.results import default_run_name
+
+    name = default_run_name({"strategy": "pkg." * 100 + "mod:MyStrategy",
+                             "dataset": "data." * 100 + "mod:load", "seed": 2**32 - 1})
+    assert len(name.encode()) <= 200 and "MyStrategy" in name and "/" not in name
