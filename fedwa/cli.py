@@ -76,8 +76,12 @@ def check_runnable(config: Mapping[str, Any]) -> None:
 
     from strategies import build_strategy
 
-    # First: it is cheap, and a run that cannot write its folder should not load data.
-    check_output_dir(config["output-dir"])
+    # First: it is cheap, and a run that cannot write its folder should not load data. A
+    # resumed run writes in its own folder, wherever output-dir points now.
+    if config.get("resume"):
+        check_output_dir(config["resume"], "resume")
+    else:
+        check_output_dir(config["output-dir"])
     try:
         data = federated_data(config)
     except DataNotFoundError as err:

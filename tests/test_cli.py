@@ -345,3 +345,19 @@ def test_default_run_name_of_a_long_import_path_fits_a_file_name() -> None:
     name = default_run_name({"strategy": "pkg." * 100 + "mod:MyStrategy",
                              "dataset": "data." * 100 + "mod:load", "seed": 2**32 - 1})
     assert len(name.encode()) <= 200 and "MyStrategy" in name and "/" not in name
+
+
+def test_a_resumed_run_checks_its_own_folder_not_output_dir(tmp_path: Path,
+                                                            monkeypatch) -> None:  # noqa: ANN001
+    import fedwa.results
+    from fedwa.cli import check_runnable
+    from fedwa.config import resolve_config
+
+    probed: list[Path] = []
+    monkeypatch.setattr(fedwa.results, "_write_probe", probed.append)
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "FILE").write_text("")
+    check_runnable(resolve_config({"model": "mlp", "resume": str(run),
+                                   "output-dir": str(tmp_path / "FILE")}))
+    assert probed == [run]
