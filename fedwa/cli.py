@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedwa.config import all_known_keys, core_keys, load_toml, parse_set, resolve_config
+from fedwa.config import (all_known_keys, core_keys, folder_name, load_toml, parse_set,
+                          resolve_config)
 from fedwa.errors import ConfigError, FedwaError
-from fedwa.results import (default_run_name, mean_std, plot_curves, plot_run, read_rounds,
-                           unique_dir)
+from fedwa.results import (check_output_dir, default_run_name, mean_std, plot_curves, plot_run,
+                           read_rounds, unique_dir)
 from fedwa.runlock import RunLock, remove_if_empty
 
 # Quiet, offline-friendly Flower defaults; a user's own environment wins.
@@ -78,12 +79,19 @@ def set_log_levels(verbose: bool) -> None:
 
 
 def check_runnable(config: Mapping[str, Any]) -> None:
-    """Everything that can be checked before an engine starts: data files and the partition."""
+    """Everything that can be checked before an engine starts: the output folder, data files,
+    the partition, the strategy and the model."""
     from fedwa.errors import DataNotFoundError
     from fedwa.task import check_model_fits, federated_data, make_model
 
     from strategies import build_strategy
 
+    # First: it is cheap, and a run that cannot write its folder should not load data. A
+    # resumed run writes in its own folder, wherever output-dir points now.
+    if config.get("resume"):
+        check_output_dir(config["resume"], "resume")
+    else:
+        check_output_dir(config["output-dir"])
     try:
         data = federated_data(config)
     except DataNotFoundError as err:
@@ -345,6 +353,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("--seeds", args.seeds, "comma-separated whole numbers") from None
     if not seeds:
         raise ConfigError("--seeds", args.seeds, "at least one seed")
+    if args.name is not None:
+        # The comparison's folder, made in output-dir like a run's: the same rules as run-name.
+        problem = folder_name(args.name) if args.name else "a non-empty folder name"
+        if problem is not None:
+            raise ConfigError("--name", args.name, problem)
     # Validate every run before starting the first, so a typo does not cost an hour.
     plan = [(s, seed, resolve_config(for_strategy(overrides, s, seed)))
             for s in strategies for seed in seeds]
@@ -379,11 +392,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # --- plotting ---------------------------------------------------------------------------------
 
 
+def check_image_path(flag: str, path: Path) -> None:
+    """Refuse, before anything is drawn, an image file matplotlib cannot write.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``flag``: an extension matplotlib has no writer for (it would raise only after
+        every run's own plot was redrawn), or a folder that does not exist.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(flag, str(path), "an image file name ending in ."
+                          + ", .".join(formats))
+    if not path.parent.is_dir():
+        raise ConfigError(flag, str(path), f"a file in an existing folder ({path.parent} is "
+                          "not one)")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
         if not (d / "metrics.jsonl").exists():
             raise ConfigError("RUN_DIR", str(d), "a run folder holding metrics.jsonl")
+    if args.out:
+        check_image_path("--out", Path(args.out))
     for d in dirs:
         print(plot_run(d))
     if args.out or len(dirs) > 1:

@@ -24,6 +24,14 @@ from fedwa.errors import ConfigError
 Scalar = str | int | float | bool
 Check = Callable[[Any], str | None]
 
+#: Bounds of every whole-number key: Flower's ConfigRecord carries integers as 64-bit, and
+#: torch and numpy turn larger ones into overflow errors deep inside a run.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+#: Seeds are below 2**32: numpy's legacy generators take no more, and the per-client and
+#: per-round seeds derived from the run seed (seed * 1_000_003 + ...) must stay below 2**63
+#: for torch.Generator.manual_seed.
+SEED_MAX = 2**32 - 1
+
 
 @dataclass(frozen=True)
 class Key:
@@ -59,15 +67,15 @@ class Key:
                 return value.lower() == "true"
             raise ConfigError(self.name, value, "true or false")
         if kind is int:
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            whole = _whole_number(value)
+            if whole is None:
                 raise ConfigError(self.name, value, "a whole number")
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(self.name, value, "a whole number") from None
-            if not number.is_integer():
-                raise ConfigError(self.name, value, "a whole number")
-            return int(number)
+            if not INT_MIN <= whole <= INT_MAX:
+                # The key's own range, when it excludes the value, says more (seed: 2**32).
+                problem = self.check(whole) if self.check is not None else None
+                raise ConfigError(self.name, value, problem or f"a whole number in [{INT_MIN}, "
+                                  f"{INT_MAX}] (64-bit)")
+            return whole
         if kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise ConfigError(self.name, value, "a number")
@@ -75,6 +83,8 @@ class Key:
                 number = float(value)
             except ValueError:
                 raise ConfigError(self.name, value, "a number") from None
+            except OverflowError:  # an int of hundreds of digits has no float
+                raise ConfigError(self.name, value, "a finite number") from None
             if not math.isfinite(number):
                 raise ConfigError(self.name, value, "a finite number")
             return number
@@ -82,6 +92,10 @@ class Key:
             return str(value)  # `--set run-name=2024` parses as a number; the user meant text
         if not isinstance(value, str):
             raise ConfigError(self.name, value, "a string")
+        if "\0" in value:
+            # Every string key ends up in a path, an import or a file name, where the OS
+            # refuses NUL with a ValueError deep inside the run.
+            raise ConfigError(self.name, value, "text without NUL characters")
         return value
 
     def validate(self, value: Any) -> Scalar:
@@ -94,6 +108,30 @@ class Key:
             if problem is not None:
                 raise ConfigError(self.name, value, problem)
         return value
+
+
+def _whole_number(value: Any) -> int | None:
+    """``value`` as an exact int (an int, a whole float, or the text of either), else None.
+
+    Ints are taken as they are, not through float, so a 400-digit number is not an
+    OverflowError and 2**53 + 1 stays exact.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            value = float(value)
+        except (ValueError, OverflowError):
+            return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None  # is_integer: False for inf, nan
+    return None
 
 
 # --- reusable checks -------------------------------------------------------------------------
@@ -117,6 +155,33 @@ def half_open_fraction(value: float) -> str | None:
 
 def closed_fraction(value: float) -> str | None:
     return None if 0 <= value <= 1 else "a fraction in [0, 1]"
+
+
+def seed_range(value: int) -> str | None:
+    return None if 0 <= value <= SEED_MAX else f"a whole number in [0, {SEED_MAX}] (2**32 - 1)"
+
+
+#: Longest run folder name, in UTF-8 bytes: file systems allow 255, and fedwa appends "-N"
+#: to a taken name and writes ".NAME.tmp" files beside its own.
+RUN_NAME_MAX_BYTES = 200
+
+
+def folder_name(value: str) -> str | None:
+    """A check: '' or one folder name that stays inside its parent (``output-dir``).
+
+    A path separator would make folders fedwa did not create (``a/b/c``) or leave
+    ``output-dir`` (``../x``, ``/abs``); a name longer than the file system allows fails
+    only when the folder is made.
+    """
+    allowed = (f"'' or one folder name inside output-dir: no '/' or '\\', not '.' or '..', "
+               f"at most {RUN_NAME_MAX_BYTES} bytes")
+    if value == "":
+        return None
+    if "/" in value or "\\" in value or value in (".", ".."):
+        return allowed
+    if len(value.encode("utf-8", "surrogatepass")) > RUN_NAME_MAX_BYTES:
+        return allowed + f" (this one has {len(value.encode('utf-8', 'surrogatepass'))})"
+    return None
 
 
 # --- the core keys ----------------------------------------------------------------------------
@@ -158,9 +223,11 @@ CORE_KEYS: tuple[Key, ...] = (
     Key("strategy-args", "", "Constructor arguments of a `module:Class` strategy fedwa does "
         "not fill itself, as a TOML inline table in a string, e.g. \"{q = 0.2}\"; a wrapper's "
         "inner strategy as strategy = 'name' with its own strategy-args = {...} table."),
-    Key("seed", 0, "Seed of init, long tail, partition, sampling and shuffles.", check=at_least(0)),
+    Key("seed", 0, "Seed of init, long tail, partition, sampling and shuffles "
+        "(0 to 2**32 - 1).", check=seed_range),
     Key("output-dir", "runs", "Folder that receives one sub-folder per run."),
-    Key("run-name", "", "Name of the run's folder ('' = strategy-dataset-seed-time)."),
+    Key("run-name", "", "Name of the run's folder inside output-dir, without '/' "
+        "('' = strategy-dataset-seed-time).", check=folder_name),
     Key("num-clients", 10, "Number of clients (SuperNodes).", check=at_least(1)),
     Key("num-server-rounds", 10, "Number of server rounds.", check=at_least(1)),
     Key("fraction-train", 1.0, "Fraction of clients sampled per round.", check=unit_fraction),
@@ -388,7 +455,17 @@ def load_toml(path: str | Path) -> dict[str, Scalar]:
     if not path.is_file():
         raise ConfigError("CONFIG", str(path), "an existing TOML file")
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as err:  # unreadable (permissions): the user's to fix, not a bug
+        raise ConfigError("CONFIG", str(path), f"a readable TOML file ({err.strerror})") from None
+    try:
+        # TOML is UTF-8 by definition; Path.read_text would use the locale's encoding.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError("CONFIG", str(path), f"a UTF-8 encoded TOML file (byte "
+                          f"{raw[err.start]:#04x} at offset {err.start} is not UTF-8)") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError("CONFIG", str(path), f"valid TOML ({err})") from None
     table: Any = data

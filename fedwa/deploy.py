@@ -1266,9 +1266,16 @@ def run_config_text(args: argparse.Namespace) -> str:
     number of clients set to the number of SuperNodes unless given."""
     from fedwa.checkpoint import resume_config
     from fedwa.config import load_toml, parse_set, resolve_config
+    from fedwa.results import check_output_dir
 
     # `--run-config "k=v k2='text'"`: shell-style words, each a `--set` pair.
-    pairs = parse_set(shlex.split(args.run_config))
+    try:
+        words = shlex.split(args.run_config)
+    except ValueError as err:  # an unclosed quote: shlex says "No closing quotation"
+        raise ConfigError("--run-config", args.run_config, "space-separated key=value words "
+                          f"with every quote closed, e.g. \"lr=0.1 model='mlp'\" "
+                          f"({str(err).lower()})") from None
+    pairs = parse_set(words)
     if args.resume:
         if args.config:
             raise ConfigError("CONFIG", args.config, "no config file with --resume: a resumed "
@@ -1289,6 +1296,9 @@ def run_config_text(args: argparse.Namespace) -> str:
     # As `fedwa run`: results under this folder's output-dir (default runs/), made absolute
     # here because Flower runs the ServerApp in a folder of its own.
     overrides["output-dir"] = str(Path(args.output_dir or config["output-dir"]).resolve())
+    # Before the SuperLink starts: a read-only or full output-dir would otherwise fail in the
+    # ServerApp, after the whole deployment came up.
+    check_output_dir(overrides["output-dir"], "--output-dir" if args.output_dir else "output-dir")
     if config["num-clients"] != args.supernodes:
         raise ConfigError("num-clients", config["num-clients"],
                           f"{args.supernodes}, the number of SuperNodes (--supernodes)")

@@ -17,7 +17,21 @@ class ConfigError(FedwaError):
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config key '{key}' = {value!r} is not allowed: {allowed}")
+        super().__init__(f"config key '{key}' = {shown(value)} is not allowed: {allowed}")
+
+
+#: Longest value :class:`ConfigError` shows whole; a 400-digit number or a 300-character name
+#: would otherwise bury what is allowed at the end of the line.
+SHOWN_CHARS = 120
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, shortened to its head and its length when longer than
+    :data:`SHOWN_CHARS`."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS - 40]}... ({len(text)} characters)"
 
 
 class DataNotFoundError(FedwaError):

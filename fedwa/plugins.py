@@ -52,13 +52,7 @@ def load_callable(key: str, value: str, allowed: str) -> tuple[Callable[..., Any
     if not is_import_path(value):
         raise ConfigError(key, value, allowed)
     module_name, _, attribute = value.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        # One line: the module (or something it imports) is missing. Other exceptions raised
-        # while importing are bugs in the user's module and keep their traceback.
-        raise ConfigError(key, value, f"{allowed} (cannot import {module_name}: {err}; is its "
-                          "folder on PYTHONPATH?)") from None
+    module = import_module(key, value, allowed, module_name)
     obj: Any = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
@@ -69,6 +63,50 @@ def load_callable(key: str, value: str, allowed: str) -> tuple[Callable[..., Any
         raise ConfigError(key, value, f"{allowed} ({value} is a {type(obj).__name__}, not "
                           "callable)")
     return obj, module
+
+
+def import_module(key: str, value: str, allowed: str, module_name: str) -> ModuleType:
+    """Import the module of an import path; every failure is one :class:`ConfigError`.
+
+    Parameters
+    ----------
+    key, value, allowed : str
+        The run-config key, its value and what it allows, for the error message.
+    module_name : str
+        The module part of ``value``.
+
+    Returns
+    -------
+    module
+
+    Raises
+    ------
+    ConfigError
+        If the module (or something it imports) is missing, or importing it raises anything
+        else: a SyntaxError, or an exception its top level raises. The message names the
+        exception and the file and line where it happened: that is what a user needs to fix
+        their module, and it is known before any engine starts.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(key, value, f"{allowed} (cannot import {module_name}: {err}; is its "
+                          "folder on PYTHONPATH?)") from None
+    except Exception as err:  # noqa: BLE001 - whatever the user's module raises at import
+        raise ConfigError(key, value, f"{allowed} (importing {module_name} raised "
+                          f"{type(err).__name__}{where(err)}: {one_line(err)[:300]})") from None
+
+
+def where(err: BaseException) -> str:
+    """`` at FILE:LINE`` of a SyntaxError, or of the innermost frame of ``err``'s traceback."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f" at {err.filename}:{err.lineno}"
+    tb = err.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
 
 
 def accepts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:

@@ -31,23 +31,85 @@ SCALAR_KEYS = ("accuracy", "balanced_accuracy", "many_shot_accuracy", "medium_sh
                "few_shot_accuracy", "loss")
 
 
-def unique_dir(parent: str | Path, name: str) -> Path:
-    """Create ``parent/name``, or ``name-2``, ``name-3``... if it exists; return it."""
+def unique_dir(parent: str | Path, name: str, key: str = "output-dir") -> Path:
+    """Create ``parent/name``, or ``name-2``, ``name-3``... if it exists; return it.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``key`` (the config key or flag that gave ``parent``) when the folder cannot
+        be made: ``parent`` is a file, read-only, on a full disk. :func:`check_output_dir`
+        catches these before a run; this is for what changes in between.
+    """
+    from fedwa.errors import ConfigError
+
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, 10_000):
-        path = parent / (name if attempt == 1 else f"{name}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free run folder name under {parent}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 10_000):
+            path = parent / (name if attempt == 1 else f"{name}-{attempt}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise ConfigError(key, str(parent), f"a folder fedwa can make run folders in (making "
+                          f"{err.filename or parent} failed: {err.strerror})") from None
+    raise ConfigError(key, str(parent), f"a folder with a free run folder name: {name} to "
+                      f"{name}-9999 are taken")
+
+
+#: Bytes written (and removed) by :func:`check_output_dir`: enough to meet a full disk's
+#: ENOSPC, too little to matter on one with room.
+PROBE_BYTES = 4096
+
+
+def _write_probe(folder: Path) -> None:
+    """Write :data:`PROBE_BYTES` to a temporary file in ``folder``, flush them to disk, and
+    remove the file; raise ``OSError`` as the write does (EACCES, EROFS, ENOSPC...)."""
+    import tempfile
+
+    with tempfile.TemporaryFile(dir=folder, prefix=".fedwa-probe-") as f:
+        f.write(b"\0" * PROBE_BYTES)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_output_dir(output_dir: str | Path, key: str = "output-dir") -> None:
+    """Check, writing nothing that stays, that run folders can be made under ``output_dir``.
+
+    The folder need not exist yet: its nearest existing ancestor must be a folder that takes
+    a write (a small temporary file, flushed to disk, so a full disk shows here and not in
+    the first round).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``key``: a file where a folder should be, a read-only folder, a full disk.
+    """
+    from fedwa.errors import ConfigError
+
+    path = Path(os.path.expanduser(str(output_dir)))
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "it is" if existing == path else f"{existing} is"
+        raise ConfigError(key, str(output_dir), f"a folder (or a path where one can be made): "
+                          f"{what} a file")
+    try:
+        _write_probe(existing)
+    except OSError as err:
+        raise ConfigError(key, str(output_dir), f"a folder fedwa can write run folders in: "
+                          f"writing in {existing} failed: {err.strerror or err}") from None
 
 
 def default_run_name(config: Mapping[str, Any]) -> str:
     def plain(name: Any) -> str:  # module:Class plug-ins, without a path separator
-        return str(name).replace(":", ".").replace("/", ".")
+        # Cut to 60 characters: a long import path must not push the folder name past the
+        # file system's 255 bytes (the run-name key allows 200).
+        return str(name).replace(":", ".").replace("/", ".").replace("\\", ".")[-60:]
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{plain(config['strategy'])}-{plain(config['dataset'])}-s{config['seed']}-{stamp}"

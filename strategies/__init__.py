@@ -10,11 +10,12 @@ attributes.
 
 from __future__ import annotations
 
-import importlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from fedwa.errors import ConfigError
+from fedwa.plugins import import_module
 from strategies.base import FedwaStrategy
 from strategies.decentralized import DIMAT, DecentralizedStrategy, Gossip
 from strategies.fedavg import FedAvg
@@ -56,10 +57,7 @@ def resolve_strategy_class(name: str) -> type:
     module_name, sep, class_name = name.partition(":")
     if not sep or not module_name or not class_name:
         raise ConfigError("strategy", name, allowed)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError("strategy", name, f"{allowed} (cannot import {module_name}: {err})")
+    module = import_module("strategy", name, allowed, module_name)
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise ConfigError("strategy", name, f"{allowed} ({module_name} has no class "
@@ -69,6 +67,12 @@ def resolve_strategy_class(name: str) -> type:
     if not issubclass(cls, (Strategy, DecentralizedStrategy)):
         raise ConfigError("strategy", name, "a subclass of flwr.serverapp.strategy.Strategy "
                           "or of strategies.DecentralizedStrategy")
+    if inspect.isabstract(cls):
+        # Caught here, not when the class is built, so the message blames this key rather than
+        # strategy-args, and comes while the config is resolved.
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise ConfigError("strategy", name, f"a concrete strategy class: {class_name} is "
+                          f"abstract (it leaves {missing} unimplemented)")
     return cls
 
 

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedwa.arrays import average_records, to_record, to_state_dict
 from fedwa.config import Key, at_least
+from fedwa.errors import ConfigError
 from fedwa.partial import RULES, group_for_round, merge, partition_groups, select
 from strategies.base import PROTOCOL_DOC
 from strategies.fedavg import FedAvg
@@ -76,6 +77,25 @@ class PartialAveraging(FedAvg):
         # partition id -> last round it trained in; partitions, unlike node ids, survive a
         # deployment restarted to resume
         self.last_round_of: dict[int, int] = {}
+
+    def check_model(self, state: Mapping[str, Any]) -> None:
+        """Refuse, before any engine starts, more groups than the model can be split into.
+
+        Called by ``fedwa.cli.check_runnable`` with the run's initial model; otherwise the
+        first round's ``configure_train`` would raise inside the ServerApp.
+
+        Raises
+        ------
+        ConfigError
+            Key ``partial-groups``, naming the limit of ``partial-grouping``.
+        """
+        try:
+            partition_groups(state, self.tau, self.rule)
+        except ValueError as err:
+            # The message of partition_groups names the bound: units (equal) or layers.
+            raise ConfigError("partial-groups", self.tau, f"a number of groups the model can "
+                              f"be split into with partial-grouping = {self.rule}: "
+                              f"{err}") from None
 
     @classmethod
     def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:

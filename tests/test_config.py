@@ -381,3 +381,163 @@ def test_config_error_message_format():
     err = ConfigError("lr", -1, "a number > 0")
     assert (err.key, err.value, err.allowed) == ("lr", -1, "a number > 0")
     assert str(err) == "config key 'lr' = -1 is not allowed: a number > 0"
+
+
+# --- bad input that used to give a traceback (issue #17, section 4) ---------------------------
+
+
+def _number_keys():
+    """(strategy, key) for every whole-number and real-number key, each with its owner."""
+    from strategies import REGISTRY
+
+    pairs = [("fedavg", key) for key in CORE_KEYS]
+    for name, cls in REGISTRY.items():
+        pairs += [(name, key) for key in getattr(cls, "config_keys", ())]
+    seen, out = set(), []
+    for strategy, key in pairs:
+        if type(key.default) in (int, float) and key.name not in seen:
+            seen.add(key.name)
+            out.append((strategy, key.name, type(key.default)))
+    return out
+
+
+NUMBER_KEYS = _number_keys()
+
+
+@pytest.mark.parametrize("strategy,name,kind", NUMBER_KEYS, ids=[k[1] for k in NUMBER_KEYS])
+@pytest.mark.parametrize("sign", [1, -1], ids=["positive", "negative"])
+def test_400_digit_number_for_any_number_key(strategy, name, kind, sign):
+    huge = sign * int("9" * 400)
+    for value in (huge, str(huge)):  # from TOML / --set, and as text from a run config
+        err = resolve_error({"strategy": strategy, name: value})
+        assert err.key == name
+        message = str(err)
+        assert f"({len(repr(value))} characters)" in message
+        assert len(message) < 400  # the value is shortened, so what is allowed stays in view
+
+
+def test_int_keys_stay_exact():
+    # Through float, 2**53 + 1 became 2**53; ints are taken as they are now.
+    assert resolve_config({"eval-batch-size": 2**53 + 1})["eval-batch-size"] == 2**53 + 1
+    assert resolve_config({"eval-batch-size": str(2**53 + 1)})["eval-batch-size"] == 2**53 + 1
+    err = resolve_error({"eval-batch-size": 2**63})
+    check_error(err, "eval-batch-size", str(2**63), "(64-bit)")
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**64, -1, -(2**64)])
+def test_seed_outside_what_the_generators_take(seed):
+    err = resolve_error({"seed": seed})
+    check_error(err, "seed", str(seed), "a whole number in [0, 4294967295]")
+
+
+def test_largest_seed_is_usable():
+    import numpy as np
+
+    from fedwa.config import SEED_MAX
+    from fedwa.models import build_model
+
+    seed = resolve_config({"seed": SEED_MAX})["seed"]
+    build_model("mlp", (1, 8, 8), 10, seed=seed)  # torch.default_generator.manual_seed
+    np.random.RandomState(seed)  # numpy's legacy generator takes no more than 2**32 - 1
+    # Node and client seeds derived from it (strategies.decentralized, fedwa.node_data)
+    # stay within what torch.Generator takes, for a million nodes.
+    torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (10**6 + 1))
+
+
+@pytest.mark.parametrize("name,allowed", [
+    ("a/b/c", "one folder name inside output-dir"),
+    ("../escaped", "no '/'"),
+    ("/tmp/escaped", "no '/'"),
+    ("..", "not '.' or '..'"),
+    ("a\\b", "no '/' or '\\'"),
+    ("n" * 201, "at most 200 bytes (this one has 201)"),
+    ("é" * 101, "this one has 202"),  # bytes, not characters
+])
+def test_run_name_must_be_one_folder_inside_output_dir(name, allowed):
+    err = resolve_error({"run-name": name})
+    check_error(err, "run-name", repr(name)[:40], allowed)
+
+
+@pytest.mark.parametrize("name", ["", "my-run", "n" * 200, "2024", "with space"])
+def test_run_names_that_are_fine(name):
+    assert resolve_config({"run-name": name})["run-name"] == name
+
+
+@pytest.mark.parametrize("key", ["run-name", "output-dir", "data-root", "dataset"])
+def test_nul_in_any_string_key(key):
+    err = resolve_error({key: "a\x00b"})
+    check_error(err, key, "'a\\x00b'", "text without NUL characters")
+
+
+def test_load_toml_not_utf8(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('lr = 0.1\n# caf\xe9\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_toml(path)
+    check_error(info.value, "CONFIG", str(path), "a UTF-8 encoded TOML file (byte 0xe9")
+
+
+def test_abstract_strategy_class_blames_strategy():
+    err = resolve_error({"strategy": "flwr.serverapp.strategy:Strategy"})
+    check_error(err, "strategy", "flwr.serverapp.strategy:Strategy", "Strategy is abstract")
+    assert "summary" in str(err)  # an abstract method it leaves out
+
+
+@pytest.mark.parametrize("body,raised", [
+    ("raise RuntimeError('boom')\n", "RuntimeError"),
+    ("x = (\n", "SyntaxError"),
+    ("1 / 0\n", "ZeroDivisionError"),
+])
+def test_strategy_module_failing_at_import(body, raised, tmp_path, monkeypatch):
+    module = f"fedwa_cfg_bad_{raised.lower()}"
+    (tmp_path / f"{module}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = resolve_error({"strategy": f"{module}:S"})
+    check_error(err, "strategy", f"{module}:S", f"importing {module} raised {raised} at ")
+    assert f"{module}.py:1" in str(err)
+
+
+def test_replicas_num_clients_bounded_by_data_and_memory():
+    import numpy as np
+
+    from fedwa.data.partition import REPLICA_BYTES_MAX, partition_indices
+
+    labels = np.arange(50) % 5
+    with pytest.raises(ConfigError) as info:
+        partition_indices(labels, 10**9, "replicas", 0)
+    check_error(info.value, "num-clients", "1000000000", "at most 50 with partition = replicas")
+    assert len(partition_indices(labels, 50, "replicas", 0)) == 50
+    # A large pool: the memory bound, not the number of examples, is the limit.
+    n = 100_000
+    limit = REPLICA_BYTES_MAX // (8 * n)
+    with pytest.raises(ConfigError) as info:
+        partition_indices(np.zeros(n, dtype=np.int64), limit + 1, "replicas", 0)
+    check_error(info.value, "num-clients", str(limit + 1), f"at most {limit} with")
+
+
+def test_server_val_fraction_that_leaves_too_little_is_blamed():
+    from fedwa.task import federated_data
+
+    config = resolve_config({"server-val-fraction": 0.999})
+    with pytest.raises(ConfigError) as info:
+        federated_data(config)
+    check_error(info.value, "server-val-fraction", "0.999", "a smaller fraction")
+    # Where the partition itself cannot be met, its own key is still named.
+    config = resolve_config({"server-val-fraction": 0.1, "dirichlet-alpha": 1e-6,
+                             "num-clients": 50})
+    with pytest.raises(ConfigError) as info:
+        federated_data(config)
+    assert info.value.key == "dirichlet-alpha"
+
+
+def test_partial_groups_beyond_the_model():
+    from fedwa.task import federated_data, make_model
+
+    from strategies import build_strategy
+
+    config = resolve_config({"strategy": "partial", "model": "mlp", "partial-groups": 100,
+                             "partial-grouping": "round-robin"})
+    strategy = build_strategy(config)
+    with pytest.raises(ConfigError) as info:
+        strategy.check_model(make_model(config, federated_data(config)).state_dict())
+    check_error(info.value, "partial-groups", "100", "the number of layers")

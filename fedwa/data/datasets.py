@@ -193,10 +193,11 @@ def _load_synthetic() -> Dataset:
 
 def _idx_dirs(name: str, root: Path | None) -> list[Path]:
     sub = "FashionMNIST" if name == "fashion-mnist" else "MNIST"
-    dirs = [root / sub / "raw", root] if root is not None else []
-    if name == "fashion-mnist":
-        dirs.append(DEBIAN_FASHION_MNIST_DIR)
-    return dirs
+    if root is not None:
+        # A data-root that is set is where the user says the files are: falling back to the
+        # Debian copy would run on other files than the ones named, and say nothing.
+        return [root / sub / "raw", root]
+    return [DEBIAN_FASHION_MNIST_DIR] if name == "fashion-mnist" else []
 
 
 def _find_idx_files(dirs: list[Path]) -> dict[str, Path] | None:
@@ -243,6 +244,12 @@ def _not_found(name: str, root: Path | None, tried: list[Path]) -> DataNotFoundE
     if name == "fashion-mnist":
         how = (" Get them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the"
                f" four IDX files ({', '.join(IDX_FILES)}; .gz or not) in <data-root>/FashionMNIST/raw/.")
+        if root is not None:
+            # The fallback used to be silent; now it is refused, so say where it would be.
+            have = ("is installed there" if _find_idx_files([DEBIAN_FASHION_MNIST_DIR])
+                    else "is not installed")
+            how = (f" The Debian package's copy in {DEBIAN_FASHION_MNIST_DIR} ({have}) is read "
+                   "only when data-root is unset (data-root = '')." + how)
     elif name == "mnist":
         how = f" Put the four IDX files ({', '.join(IDX_FILES)}; .gz or not) in <data-root>/MNIST/raw/."
     else:
@@ -477,8 +484,9 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
         One of :data:`DATASET_NAMES`, or ``"module:function"``. ``digits``
         (scikit-learn) and ``synthetic`` need no files. ``fashion-mnist`` and
         ``mnist`` read IDX files from ``<data_root>/FashionMNIST/raw/``
-        (``MNIST/raw/``) or `data_root` itself, and Fashion-MNIST also from
-        :data:`DEBIAN_FASHION_MNIST_DIR`. ``cifar10`` and ``cifar100`` read
+        (``MNIST/raw/``) or `data_root` itself; Fashion-MNIST with `data_root` unset
+        from :data:`DEBIAN_FASHION_MNIST_DIR` (only then: a `data_root` without the files
+        is an error, not a silent switch to other files). ``cifar10`` and ``cifar100`` read
         ``<data_root>/cifar-10-batches-py/`` and ``<data_root>/cifar-100-python/``.
 
         ``npz`` reads ``<data_root>/train.npz`` and ``<data_root>/test.npz``: arrays

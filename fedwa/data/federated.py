@@ -204,8 +204,25 @@ def build_federated_data(*, dataset: str, data_root: str | None, seed: int, num_
 
     pool = long_tail_indices(labels, imbalance_ratio, imbalance_type, lt_seed)
     train_idx, val_idx = _server_split(labels, pool, float(server_val_fraction), val_seed)
-    parts = partition_indices(labels[train_idx], num_clients, partition, part_seed,
-                              dirichlet_alpha=dirichlet_alpha, shards_per_client=shards_per_client)
+    partition_args = {"dirichlet_alpha": dirichlet_alpha, "shards_per_client": shards_per_client}
+    try:
+        parts = partition_indices(labels[train_idx], num_clients, partition, part_seed,
+                                  **partition_args)
+    except ConfigError as err:
+        if len(val_idx) == 0:
+            raise
+        # The partition failed on what the server split left. If the whole pool would have
+        # split, the hold-out is to blame, not the partition's own key (dirichlet-alpha,
+        # num-clients, shards-per-client) that the error names.
+        try:
+            partition_indices(labels[pool], num_clients, partition, part_seed, **partition_args)
+        except ConfigError:
+            raise err from None
+        raise ConfigError("server-val-fraction", server_val_fraction,
+                          f"a smaller fraction: holding out {len(val_idx)} of the {len(pool)} "
+                          f"training examples for the server leaves {len(train_idx)}, too few "
+                          f"for {num_clients} clients with partition = {partition} (the "
+                          "whole pool would split)") from None
     settings = {
         "seed": seed, "num_clients": num_clients, "partition": partition,
         "dirichlet_alpha": dirichlet_alpha, "shards_per_client": shards_per_client,

@@ -11,6 +11,10 @@ from fedwa.errors import ConfigError
 
 PARTITION_NAMES = ("iid", "dirichlet", "shards", "replicas", "classes")
 DIRICHLET_MAX_DRAWS = 100
+#: Most bytes the ``replicas`` partition may spend on its per-client orders (int64 positions,
+#: one full copy per client): the orders are built up front, in every process that needs the
+#: data, so an unbounded num-clients would take memory without bound before the first round.
+REPLICA_BYTES_MAX = 2**30
 
 
 def _iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -63,7 +67,9 @@ def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, seed: i
     labels : numpy.ndarray
         Integer labels of the pool, shape ``[N]``.
     num_clients : int
-        Number of clients, at least 1 and (except for ``replicas``) at most ``N``.
+        Number of clients, at least 1 and at most ``N``; for ``replicas`` also at most
+        what keeps all clients' orders (``8 * N`` bytes each) within
+        :data:`REPLICA_BYTES_MAX`.
     scheme : {"iid", "dirichlet", "shards", "replicas", "classes"}
         ``iid``: a seeded shuffle cut into sizes that differ by at most 1.
         ``dirichlet``: each class is split by proportions drawn from
@@ -106,6 +112,17 @@ def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, seed: i
         raise ConfigError("num-clients", num_clients, "an integer >= 1")
     if scheme != "replicas" and num_clients > n:
         raise ConfigError("num-clients", num_clients, f"at most {n} (the number of training examples)")
+    if scheme == "replicas":
+        # Every client holds all n examples, so data is never short; the bound is memory, as
+        # the orders are made here for every client at once: no more clients than examples
+        # (as the other schemes) and all clients' orders within REPLICA_BYTES_MAX.
+        limit = max(1, min(n, REPLICA_BYTES_MAX // (8 * max(n, 1))))
+        if num_clients > limit:
+            raise ConfigError("num-clients", num_clients, f"at most {limit} with partition = "
+                              f"replicas: each client keeps its own order of all {n} training "
+                              f"examples (8 bytes each), and fedwa allows at most as many "
+                              f"clients as examples and {REPLICA_BYTES_MAX >> 20} MiB of "
+                              "such orders")
     rng = np.random.default_rng(seed)
 
     if scheme == "replicas":

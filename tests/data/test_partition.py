@@ -30,8 +30,12 @@ def test_replicas_give_every_client_all_indices_in_own_order():
     assert len(orders) == 4
 
 
-def test_replicas_allow_more_clients_than_examples():
-    assert len(partition_indices(np.arange(3), 5, "replicas", seed=0)) == 5
+def test_replicas_allow_as_many_clients_as_examples_and_no_more():
+    # Issue #17: an unbounded num-clients built one full order per client before the first
+    # round (10**9 clients: memory without bound); replicas now has the other schemes' bound.
+    assert len(partition_indices(np.arange(3), 3, "replicas", seed=0)) == 3
+    with pytest.raises(ConfigError, match="at most 3 with partition = replicas"):
+        partition_indices(np.arange(3), 5, "replicas", seed=0)
 
 
 def test_iid_sizes_differ_by_at_most_one():
