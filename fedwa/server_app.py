@@ -433,16 +433,20 @@ class CentralEvaluator:
         basis = getattr(self.strategy, "basis_bytes", None)
         if basis is not None and basis():
             record["twa_basis_bytes"] = basis()
-        # Without fedwa's base the strategy screened nothing: count only replies that pass
-        # the guard (a list-valued partition-id or an inf count would break the sums below).
-        ok = [r.content["metrics"] for r in traffic.replies if model_problem(r, None) is None]
         failures = getattr(self.strategy, "last_failures", None)
+        client_train = getattr(self.strategy, "last_train_metrics", None)
+        ok = []
+        if failures is None or client_train is None:
+            # Without fedwa's base the strategy screened nothing: count only replies that pass
+            # the guard (a list-valued partition-id or an inf count would break the sums
+            # below). A fedwa strategy has screened them already; not checked twice.
+            ok = [r.content["metrics"] for r in traffic.replies
+                  if model_problem(r, None) is None]
         failed = len(failures) if failures is not None else len(traffic.replies) - len(ok)
         # Errors, rejected replies (bad names, shapes, dtypes, NaN) and clients that did not
         # answer in time, with the nodes and reasons (fedwa strategies only).
         faults = getattr(self.strategy, "last_faults", None) or {}
         missing = int(faults.get("clients_missing", 0))
-        client_train = getattr(self.strategy, "last_train_metrics", None)
         if client_train is None and ok:  # a strategy without fedwa's base: all error-free replies
             # Replies arrive in any order; sum in partition order for a repeatable float.
             ok.sort(key=lambda m: float(m.get("partition-id", 0)))

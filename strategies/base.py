@@ -283,7 +283,7 @@ class FedwaStrategy:
             # Round 1 waits for every node; later rounds go on without nodes that died
             # (Flower's sampling would otherwise wait for them forever). Nodes whose handshake
             # was refused never take part, so round 1 does not wait for them either.
-            if hasattr(grid, "rejected_nodes"):
+            if server_round == 1 and hasattr(grid, "rejected_nodes"):
                 grid.get_node_ids()  # the handshake, which may refuse nodes, runs first
             refused = len(getattr(grid, "rejected_nodes", ()))
             self.min_available_nodes = (

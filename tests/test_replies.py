@@ -452,3 +452,21 @@ def test_a_check_that_raises_leaves_the_reply_out_instead_of_ending_the_run() ->
 
     usable, rejected = screen([train_reply(3)], broken, "test")
     assert usable == [] and rejected == [(3, "reply could not be checked (KeyError: 'x')")]
+
+
+def test_partial_averaging_clients_may_count_the_whole_test_set() -> None:
+    # Their kept models are evaluated on the balanced test set, larger than a partition: the
+    # cap is the test set's size, not the handshake's training count.
+    from fedwa.config import resolve_config
+    from fedwa.task import federated_data
+    from strategies import build_strategy
+
+    config = resolve_config({"strategy": "partial", "num-clients": 10})
+    strategy = build_strategy(config)
+    strategy.grid = LimitGrid({1: 5, 2: 5})
+    test_size = len(federated_data(config).test_data()[1])
+    assert test_size > 5
+    metrics = strategy.aggregate_evaluate(3, [evaluate_reply(1, 0.5, test_size),
+                                              evaluate_reply(2, 0.9, test_size + 1)])
+    assert metrics["local-accuracy"] == 0.5
+    assert [n for n, _ in strategy.last_evaluate_rejected] == [2]
