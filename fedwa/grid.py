@@ -65,11 +65,15 @@ class FedwaGrid(Grid):
     partition_sizes : sequence of int, optional
         The size of each partition as the server built it (simulation: the server splits the
         data). A node training on its partition may not claim more examples than that.
+    num_classes : int, optional
+        The dataset's classes: a handshake's ``class-counts`` must have one entry each (the
+        server adds them up across nodes).
     """
 
     def __init__(self, inner: Grid, run_config: Mapping[str, object],
                  timeout: float = 600.0,
-                 partition_sizes: Sequence[int] | None = None) -> None:
+                 partition_sizes: Sequence[int] | None = None,
+                 num_classes: int | None = None) -> None:
         self.inner = inner
         self.run_config = dict(run_config)
         # Built once: a ConfigRecord checks every entry as it is set, and the run config has
@@ -81,6 +85,7 @@ class FedwaGrid(Grid):
         #: Nodes whose handshake was unusable, with the reason: never sampled.
         self.rejected_nodes: dict[int, str] = {}
         self.partition_sizes = list(partition_sizes) if partition_sizes is not None else None
+        self.num_classes = num_classes
         self.traffic = RoundTraffic()
 
     # --- the Grid interface -------------------------------------------------------------------
@@ -183,7 +188,7 @@ class FedwaGrid(Grid):
         claimed = set(self.partition_of.values())
 
         def check(reply: Message) -> str | None:
-            problem = handshake_problem(reply, num_clients,
+            problem = handshake_problem(reply, num_clients, self.num_classes,
                                         partition_size=self._partition_size)
             if problem is None:
                 pid = int(reply.content["info"]["partition-id"])

@@ -111,7 +111,8 @@ def run_federation(grid: Grid, config: Mapping[str, Any],
     # The server split the data: a node training on its partition cannot hold more.
     sizes = getattr(data, "client_indices", None)
     fedwa_grid = FedwaGrid(grid, config, partition_sizes=(
-        [len(idx) for idx in sizes] if sizes is not None else None))
+        [len(idx) for idx in sizes] if sizes is not None else None),
+        num_classes=int(data.num_classes))
     rounds = total_rounds(strategy, config)
     log.info("fedwa: %s on %s, %d clients, %d rounds -> %s", config["strategy"],
              config["dataset"], config["num-clients"], rounds, run_dir)

@@ -287,12 +287,13 @@ class InnerGrid:
     (info(pid=1, examples=10 ** 12, counts=(10 ** 12, 0)),
      "num-examples 1e+12 + test-examples 0 is more than partition 1's 5 examples"),
     (RecordDict({"metrics": MetricRecord({"partition-id": 1})}), "handshake lacks 'info'"),
+    (info(pid=1, examples=3, counts=(1, 1, 1)), "class-counts has 3 entries, expected 2"),
 ], ids=["no-partition-id", "list-partition-id", "out-of-range", "inf-count", "counts-differ",
-        "duplicate", "more-than-partition", "no-info"])
+        "duplicate", "more-than-partition", "no-info", "class-count-length"])
 def test_a_bad_handshake_leaves_its_node_out(bad: RecordDict, reason: str) -> None:
     # Before: info["partition-id"] raised KeyError (or int() a TypeError) and ended the run.
     grid = FedwaGrid(InnerGrid({11: info(0), 12: bad, 13: info(2)}), {"num-clients": 3},
-                     partition_sizes=[5, 5, 5])
+                     partition_sizes=[5, 5, 5], num_classes=2)
     assert grid.get_node_ids() == [11, 13]
     assert grid.rejected_nodes == {12: reason}
     assert grid.example_limit(11) == 3 and grid.example_limit(12) is None
