@@ -49,6 +49,7 @@ from strategies.foreign import AttributeState, ForeignMark, sampled_clients
 
 
 def whole_number(value: float) -> str | None:
+    """A key check: None for a whole number >= 0, else what is allowed."""
     return None if value >= 0 and value == int(value) else "a whole number >= 0"
 
 
