@@ -93,6 +93,27 @@ def array_view(array: Array) -> np.ndarray:
     return _view(data, offset, dtype, shape, fortran)
 
 
+@lru_cache(maxsize=4096)
+def _declared_layout(header: bytes, declared_dtype: str, declared_shape: tuple[int, ...]
+                     ) -> tuple[np.dtype, tuple[int, ...], bool, int] | str:
+    """The layout of a ``.npy`` header checked against an array's declared fields: dtype,
+    shape, Fortran order and value bytes, or why they disagree (for :func:`checked_view`)."""
+    try:
+        layout = _layout(header)
+    except Exception as err:  # noqa: BLE001 - numpy's parser raises many kinds on bad text
+        return f"unreadable .npy header ({type(err).__name__})"
+    if layout is None:
+        return "payload holds Python objects (object dtype)"
+    dtype, shape, fortran = layout
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None:
+        return f"payload dtype {dtype} is not numeric"
+    if shape != declared_shape:
+        return f"payload has shape {shape}, its header field says {declared_shape}"
+    if str(dtype) != declared_dtype:
+        return f"payload has dtype {dtype}, its header field says {declared_dtype}"
+    return dtype, shape, fortran, math.prod(shape) * dtype.itemsize
+
+
 def checked_view(array: Array) -> np.ndarray:
     """:func:`array_view` of an array a client sent, after checking that the bytes are what
     the array's fields declare.
@@ -119,24 +140,18 @@ def checked_view(array: Array) -> np.ndarray:
         raise PayloadError("payload is not .npy bytes (version 1.0 or 2.0)")
     if len(data) < offset:
         raise PayloadError("payload ends inside its .npy header")
-    try:
-        layout = _layout(bytes(data[:offset]))
-    except Exception as err:  # noqa: BLE001 - numpy's parser raises many kinds on bad text
-        raise PayloadError(f"unreadable .npy header ({type(err).__name__})") from None
-    if layout is None:
-        raise PayloadError("payload holds Python objects (object dtype)")
-    dtype, shape, fortran = layout
-    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None:
-        raise PayloadError(f"payload dtype {dtype} is not numeric")
-    try:
-        declared = tuple(int(d) for d in array.shape)
-    except (TypeError, ValueError):
-        raise PayloadError(f"declared shape {array.shape!r} is not a tuple of ints") from None
-    if shape != declared:
-        raise PayloadError(f"payload has shape {shape}, its header field says {declared}")
-    if str(dtype) != array.dtype:
-        raise PayloadError(f"payload has dtype {dtype}, its header field says {array.dtype}")
-    size = math.prod(shape) * dtype.itemsize
+    declared = array.shape
+    if type(declared) is not tuple or not all(type(d) is int for d in declared):
+        try:
+            declared = tuple(int(d) for d in declared)
+        except (TypeError, ValueError):
+            raise PayloadError(f"declared shape {array.shape!r} is not a tuple of ints") from None
+    # A model's arrays have a handful of distinct headers: check each (header, declared
+    # fields) pair once; str(dtype) alone costs more than a small array's finiteness check.
+    layout = _declared_layout(bytes(data[:offset]), str(array.dtype), declared)
+    if isinstance(layout, str):
+        raise PayloadError(layout)
+    dtype, shape, fortran, size = layout
     if len(data) - offset != size:
         raise PayloadError(f"payload holds {len(data) - offset} value bytes, its shape and "
                            f"dtype need {size}")
