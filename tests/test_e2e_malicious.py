@@ -255,15 +255,36 @@ def list_merged_accuracy(message: Message, context: Context) -> Message:
                                            "metrics": MetricRecord(metrics)}))
 
 
-def test_a_list_valued_merged_accuracy_is_left_out_of_the_merge(tmp_path: Path) -> None:
-    # Before: float([0.5, 0.5]) raised TypeError in the round's record and ended the run.
-    rounds, run_dir = run(tmp_path, "dimat", malicious_app(train_merge=list_merged_accuracy),
-                          strategy="dimat", **{"node-eval-examples": 100,
-                                               "topology": "full"})
+def lying_merge(message: Message, context: Context) -> Message:
+    """A merged model whose first payload holds another shape than its fields declare."""
+    reply = real.merge(message, context)
+    arrays = dict(reply.content["arrays"].items())
+    name = next(iter(arrays))
+    a = arrays[name]
+    arrays[name] = new_array(a.dtype, tuple(a.shape), a.stype,
+                             Array(np.zeros(3, dtype=a.dtype)).data)
+    return with_content(reply, RecordDict({"arrays": ArrayRecord(arrays),
+                                           "metrics": reply.content["metrics"]}))
+
+
+@pytest.mark.parametrize(("corrupt", "reason"), [
+    (list_merged_accuracy, "merged-accuracy is [0.5, 0.5], expected a number"),
+    (lying_merge, "payload has shape (3,)"),
+], ids=["list-merged-accuracy", "lying-payload"])
+def test_a_bad_dimat_merge_reply_is_left_out(tmp_path: Path, corrupt: Handler,
+                                             reason: str, caplog: pytest.LogCaptureFixture
+                                             ) -> None:
+    # Before: float([0.5, 0.5]) raised TypeError in the round's record, and the lying payload
+    # failed load_state_dict in the evaluation; either ended the run.
+    rounds, run_dir = run(tmp_path, "dimat", malicious_app(train_merge=corrupt),
+                          strategy="dimat", **{"node-eval-examples": 100, "topology": "full"})
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert [r["clients_failed"] for r in rounds[1:]] == [1, 1]
     assert all(0 <= r["merged_accuracy"] <= 1 for r in rounds[1:])
+    assert reason in caplog.text and "left out" in caplog.text
+    saved = torch.load(run_dir / "model.pt")
+    assert all(torch.isfinite(v.float()).all() for v in saved.values())
 
 
 # --- robust aggregation ---------------------------------------------------------------------------
