@@ -166,7 +166,14 @@ class FedwaGrid(Grid):
                 self.traffic.replies.append(reply)
 
     def _handshake(self, node_ids: list[int]) -> None:
-        """Ask nodes for their partition id; a node that cannot answer is left out."""
+        """Ask nodes for their partition id and what they hold.
+
+        A node whose ClientApp raises stops the run with its reason (it cannot load its data:
+        misconfigured, and waiting for it would hang the run). A node whose answer is unusable
+        (:func:`fedwa.replies.handshake_problem`, or a partition another node already holds)
+        is left out for the whole run, logged and counted; too few usable nodes left for
+        ``min-available-clients`` raise :class:`~fedwa.errors.TooFewRepliesError`.
+        """
         messages = [
             Message(RecordDict({RUN_CONFIG_KEY: self.run_config_record}), node,
                     MessageType.QUERY, group_id="handshake")
