@@ -23,30 +23,139 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 _MAGIC = b"\x93NUMPY"
 
 
+#: ``Array.stype`` of the payloads fedwa reads: ``.npy`` bytes (what Flower writes for numpy
+#: arrays and torch tensors).
+NUMPY_STYPE = "numpy.ndarray"
+
+#: Dtype kinds a model, gradient or statistic may hold: bool, integers, floats, complex.
+#: Strings, structured (void) and datetime payloads are nothing fedwa averages.
+NUMERIC_KINDS = frozenset("biufc")
+
+
+class PayloadError(ValueError):
+    """An :class:`~flwr.app.Array` whose bytes are not the array its fields declare."""
+
+
 @lru_cache(maxsize=4096)
 def _layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool] | None:
-    """dtype, shape and Fortran order of one ``.npy`` header (version 1.0 prefix included)."""
-    shape, fortran, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header[8:]))
+    """dtype, shape and Fortran order of one ``.npy`` header (magic and version included).
+
+    None for an object dtype (its bytes are pickles, never read here).
+    """
+    stream = io.BytesIO(header[8:])
+    read = (np.lib.format.read_array_header_1_0 if header[6:8] == b"\x01\x00"
+            else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read(stream)
     return None if dtype.hasobject else (dtype, tuple(shape), bool(fortran))
+
+
+def _header_end(data: bytes) -> int | None:
+    """Where the values start in ``.npy`` version 1.0 or 2.0 bytes; None for anything else."""
+    if data[:6] != _MAGIC:
+        return None
+    if data[6:8] == b"\x01\x00":
+        return 10 + int.from_bytes(data[8:10], "little")
+    if data[6:8] == b"\x02\x00":
+        return 12 + int.from_bytes(data[8:12], "little")
+    return None
+
+
+def _view(data: bytes, offset: int, dtype: np.dtype, shape: tuple[int, ...],
+          fortran: bool) -> np.ndarray:
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
 def array_view(array: Array) -> np.ndarray:
     """The array's values as a read-only numpy view of its bytes (no copy).
 
     Falls back to :meth:`Array.numpy` for anything but a version 1.0 ``.npy`` payload, so the
-    result always equals what Flower would return.
+    result always equals what Flower would return. It trusts the payload's own header: replies
+    from clients go through :func:`checked_view` (:mod:`fedwa.replies`) first.
+
+    Raises
+    ------
+    PayloadError
+        The payload is shorter than its header declares.
     """
     data = array.data
-    if array.stype != "numpy.ndarray" or data[:6] != _MAGIC or data[6:8] != b"\x01\x00":
+    if array.stype != NUMPY_STYPE or data[:6] != _MAGIC or data[6:8] != b"\x01\x00":
         return array.numpy()
     offset = 10 + int.from_bytes(data[8:10], "little")
     layout = _layout(bytes(data[:offset]))
     if layout is None:
         return array.numpy()
     dtype, shape, fortran = layout
-    count = math.prod(shape)
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+    if len(data) < offset + math.prod(shape) * dtype.itemsize:
+        # np.frombuffer would raise its own ValueError; say what is wrong instead.
+        raise PayloadError(f"payload holds {len(data) - offset} value bytes, its header "
+                           f"declares {math.prod(shape) * dtype.itemsize}")
+    return _view(data, offset, dtype, shape, fortran)
+
+
+@lru_cache(maxsize=4096)
+def _declared_layout(header: bytes, declared_dtype: str, declared_shape: tuple[int, ...]
+                     ) -> tuple[np.dtype, tuple[int, ...], bool, int] | str:
+    """The layout of a ``.npy`` header checked against an array's declared fields: dtype,
+    shape, Fortran order and value bytes, or why they disagree (for :func:`checked_view`)."""
+    try:
+        layout = _layout(header)
+    except Exception as err:  # noqa: BLE001 - numpy's parser raises many kinds on bad text
+        return f"unreadable .npy header ({type(err).__name__})"
+    if layout is None:
+        return "payload holds Python objects (object dtype)"
+    dtype, shape, fortran = layout
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None:
+        return f"payload dtype {dtype} is not numeric"
+    if shape != declared_shape:
+        return f"payload has shape {shape}, its header field says {declared_shape}"
+    if str(dtype) != declared_dtype:
+        return f"payload has dtype {dtype}, its header field says {declared_dtype}"
+    return dtype, shape, fortran, math.prod(shape) * dtype.itemsize
+
+
+def checked_view(array: Array) -> np.ndarray:
+    """:func:`array_view` of an array a client sent, after checking that the bytes are what
+    the array's fields declare.
+
+    Flower's :class:`~flwr.app.Array` carries ``dtype``, ``shape`` and ``stype`` beside the
+    bytes, and nothing ties them together: checks of the declared fields alone let through a
+    payload of another shape or dtype, a truncated one, or bytes that are no array at all.
+
+    Raises
+    ------
+    PayloadError
+        ``stype`` is not ``numpy.ndarray``; the bytes are not ``.npy`` version 1.0/2.0; the
+        header cannot be read or names an object or non-numeric dtype; its dtype or shape
+        differs from the declared ``dtype`` / ``shape``; or the value bytes are too few or
+        too many.
+    """
+    if array.stype != NUMPY_STYPE:
+        raise PayloadError(f"serialisation type {array.stype!r}, expected {NUMPY_STYPE!r}")
+    data = array.data
+    if not isinstance(data, bytes):
+        raise PayloadError(f"payload is {type(data).__name__}, expected bytes")
+    offset = _header_end(data)
+    if offset is None:
+        raise PayloadError("payload is not .npy bytes (version 1.0 or 2.0)")
+    if len(data) < offset:
+        raise PayloadError("payload ends inside its .npy header")
+    declared = array.shape
+    if type(declared) is not tuple or not all(type(d) is int for d in declared):
+        try:
+            declared = tuple(int(d) for d in declared)
+        except (TypeError, ValueError):
+            raise PayloadError(f"declared shape {array.shape!r} is not a tuple of ints") from None
+    # A model's arrays have a handful of distinct headers: check each (header, declared
+    # fields) pair once; str(dtype) alone costs more than a small array's finiteness check.
+    layout = _declared_layout(bytes(data[:offset]), str(array.dtype), declared)
+    if isinstance(layout, str):
+        raise PayloadError(layout)
+    dtype, shape, fortran, size = layout
+    if len(data) - offset != size:
+        raise PayloadError(f"payload holds {len(data) - offset} value bytes, its shape and "
+                           f"dtype need {size}")
+    return _view(data, offset, dtype, shape, fortran)
 
 
 def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:

@@ -53,6 +53,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 
 from fedwa.arrays import record_named, to_record, to_state_dict
+from fedwa.replies import kept_model_problem, screen
 from fedwa.errors import CheckpointError, UnsavableStateError
 from fedwa.results import read_rounds, write_durably
 from fedwa.safe_state import (UnsafeFileError, from_plain, legacy_numpy_names, load_data,
@@ -226,11 +227,18 @@ def fetch_client_models(grid: Any, timeout: float) -> dict[int, dict[str, torch.
     messages = [Message(RecordDict(), node, LOCAL_MODEL_ACTION, group_id="checkpoint")
                 for node in nodes]
     models = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+
+    def check(reply: Message) -> str | None:
+        # A kept model with a bad payload or NaN would be restored into the node on resume.
+        if reply.metadata.src_node_id not in grid.partition_of:
+            return "not a node of this run"
+        return kept_model_problem(reply)
+
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    usable, _ = screen(replies, check, "checkpoint: kept model",
+                       getattr(getattr(grid, "traffic", None), "rejected", None))
+    for reply in usable:
         node = reply.metadata.src_node_id
-        if reply.has_error() or node not in grid.partition_of:
-            log.warning("checkpoint: node %d did not return its kept model", node)
-            continue
         kept = {}
         arrays = record_named(reply.content, "arrays", ArrayRecord)
         if arrays:

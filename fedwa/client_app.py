@@ -34,7 +34,7 @@ from fedwa.bn import bn_moments
 from fedwa.config import resolve_config
 from fedwa.grid import RUN_CONFIG_KEY
 from fedwa.metrics import evaluate_model
-from fedwa.node_data import node_data
+from fedwa.node_data import DATA_DIR_KEY, node_data
 from fedwa.late_phase import member_state, num_members, set_active, train_late_phase
 from fedwa.shadow import has_shadow_weights, reseed_shadow
 from fedwa.task import federated_data, local_train_spec, make_model
@@ -445,9 +445,13 @@ def merge(message: Message, context: Context) -> Message:
 def query(message: Message, context: Context) -> Message:
     """Handshake: tell the server this node's partition and what it holds."""
     config, _, pid, data = _local_data(message, context)
-    _, y = _own(config, context, data, pid)
-    counts = torch.bincount(y, minlength=data.num_classes).tolist()
-    info = MetricRecord({"partition-id": pid, "num-examples": len(y), "class-counts": counts})
+    own = node_data(config, context.node_config, data, pid)
+    counts = torch.bincount(own.y, minlength=data.num_classes).tolist()
+    # The server caps the example counts of this node's later replies by these (and, for a
+    # node on the run's partitions, checks them against the partition it built).
+    info = MetricRecord({"partition-id": pid, "num-examples": len(own.y), "class-counts": counts,
+                         "test-examples": len(own.y_test) if own.y_test is not None else 0,
+                         "own-data": int(bool(context.node_config.get(DATA_DIR_KEY)))})
     return Message(RecordDict({"info": info}), reply_to=message)
 
 

@@ -38,6 +38,7 @@ from fedwa.alignment import align_to, merge_aligned, permutation_spec, permute_s
 from fedwa.bn import has_batchnorm, recompute_bn
 from fedwa.errors import AllClientsFailedError
 from fedwa.metrics import evaluate_model
+from fedwa.replies import model_problem, node_limit, rejection_detail, screen
 from fedwa.results import ResultsWriter, read_rounds
 from fedwa.task import shot_options
 from fedwa.training import LocalTrainSpec, train_local
@@ -45,6 +46,9 @@ from fedwa.training import LocalTrainSpec, train_local
 log = logging.getLogger("fedwa")
 
 MERGE_MESSAGE = "train.merge"
+#: Metrics of a merge reply the server reads as single numbers (``float(...)``).
+MERGE_SCALARS = ("merged-accuracy", "merged-balanced-accuracy", "align-seconds",
+                 "merge-seconds", "train-loss")
 
 
 def neighbour_key(partition_id: int) -> str:
@@ -273,7 +277,7 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
     the relay and is counted in ``clients_failed``; the round goes on. When no node replies
     usably the run stops with :class:`AllClientsFailedError`.
     """
-    from strategies.base import reply_problem, train_metrics
+    from strategies.base import train_metrics
 
     num_nodes = int(config["num-clients"])
     node_ids = list(grid.get_node_ids())
@@ -285,8 +289,9 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
         time.sleep(0.5)
         node_ids = list(grid.get_node_ids())
     if len(node_ids) != num_nodes:
+        refused = rejection_detail(list(getattr(grid, "rejected_nodes", {}).items()))
         raise AllClientsFailedError(f"{len(node_ids)} nodes answered, the topology needs "
-                                    f"{num_nodes}")
+                                    f"{num_nodes}" + (f" (refused: {refused})" if refused else ""))
     pid_of = {node: grid.partition_of[node] for node in node_ids}
     template = make_model(strategy.node_seed(0))
     expected = ArrayRecord(template.state_dict())
@@ -364,10 +369,14 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
         last_time = time.perf_counter()
 
     def exchange(group: str, plan: Mapping[int, tuple[dict[str, Any],
-                                                      Mapping[int, Mapping[str, torch.Tensor]]]]
+                                                      Mapping[int, Mapping[str, torch.Tensor]]]],
+                 required: Sequence[str] = ()
                  ) -> tuple[list[Message], list[tuple[int, str]]]:
         """Send each planned node its config and models; the usable replies (partition
-        order) and the failures."""
+        order) and the failures. Replies go through :func:`fedwa.replies.model_problem`:
+        the model's names, shapes and dtypes, payloads that are what they declare, example
+        counts within what the node holds, and the metrics read below (``required`` ones
+        too) single finite numbers."""
         messages = []
         for node in node_ids:
             pid = pid_of[node]
@@ -379,15 +388,16 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
                 content[neighbour_key(j)] = to_record(state)
             messages.append(Message(content, node, MERGE_MESSAGE, group_id=group))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        usable, failures = [], []
-        for reply in replies:
-            problem = reply_problem(reply, expected)
-            node = reply.metadata.src_node_id
-            if problem is None and node in pid_of:
-                usable.append(reply)
-            else:
-                failures.append((node, problem or "unknown node"))
-                log.warning("exchange %s: node %d left out: %s", group, node, problem)
+        limit = getattr(grid, "example_limit", None)
+
+        def check(reply: Message) -> str | None:
+            if reply.metadata.src_node_id not in pid_of:
+                return "unknown node"
+            return model_problem(reply, expected, limit=node_limit(limit,
+                                                                  reply.metadata.src_node_id),
+                                 scalars=MERGE_SCALARS, required=required)
+
+        usable, failures = screen(replies, check, f"exchange {group}")
         usable.sort(key=lambda r: pid_of[r.metadata.src_node_id])
         return usable, failures
 
@@ -425,7 +435,8 @@ def run_decentralized(grid: Any, config: Mapping[str, Any], strategy: Any, data:
                 merge_config = strategy.merger_config(server_round, merger)
                 sent = {j: strategy.models[j] for j in merge_config["neighbours"]}
                 replies, failures = exchange(f"{server_round}.merge",
-                                             {merger: (merge_config, sent)})
+                                             {merger: (merge_config, sent)},
+                                             required=("align-seconds", "merge-seconds"))
                 if replies:
                     merger_reply = replies[0]
                     merged_state = to_state_dict(merger_reply.content["arrays"])

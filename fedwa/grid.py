@@ -6,7 +6,10 @@
   config the server validated, whatever the runtime (``flwr run``, the Python API, SuperNodes);
 - learns each node's ``partition-id`` once (a ``query`` message) and lists node ids in partition
   order, so seeded client sampling picks the same clients in every run although Flower draws
-  random node ids;
+  random node ids; a handshake that fails :func:`fedwa.replies.handshake_problem` leaves its
+  node out of the run (:attr:`FedwaGrid.rejected_nodes`);
+- knows how many examples each node holds (:meth:`FedwaGrid.example_limit`), the cap on the
+  counts of its later replies;
 - counts the array bytes that go down and come up, and keeps the round's client replies, for the
   per-round results.
 """
@@ -14,13 +17,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedwa.errors import FedwaError
+from fedwa.errors import FedwaError, TooFewRepliesError
+from fedwa.replies import handshake_problem, rejection_detail, screen
 
 log = logging.getLogger("fedwa")
 
@@ -41,6 +46,9 @@ class RoundTraffic:
     bytes_down: int = 0
     bytes_up: int = 0
     replies: list[Message] = field(default_factory=list)
+    #: Replies other than training ones that the server left out (BatchNorm moments,
+    #: federated-evaluation counts, handshakes): ``{"what", "node", "reason"}`` each.
+    rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FedwaGrid(Grid):
@@ -54,10 +62,18 @@ class FedwaGrid(Grid):
         The validated run config; sent as a ``ConfigRecord`` with every message.
     timeout : float
         Seconds to wait for the partition-id handshake.
+    partition_sizes : sequence of int, optional
+        The size of each partition as the server built it (simulation: the server splits the
+        data). A node training on its partition may not claim more examples than that.
+    num_classes : int, optional
+        The dataset's classes: a handshake's ``class-counts`` must have one entry each (the
+        server adds them up across nodes).
     """
 
     def __init__(self, inner: Grid, run_config: Mapping[str, object],
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0,
+                 partition_sizes: Sequence[int] | None = None,
+                 num_classes: int | None = None) -> None:
         self.inner = inner
         self.run_config = dict(run_config)
         # Built once: a ConfigRecord checks every entry as it is set, and the run config has
@@ -66,6 +82,10 @@ class FedwaGrid(Grid):
         self.timeout = timeout
         self.partition_of: dict[int, int] = {}
         self.node_info: dict[int, dict[str, object]] = {}
+        #: Nodes whose handshake was unusable, with the reason: never sampled.
+        self.rejected_nodes: dict[int, str] = {}
+        self.partition_sizes = list(partition_sizes) if partition_sizes is not None else None
+        self.num_classes = num_classes
         self.traffic = RoundTraffic()
 
     # --- the Grid interface -------------------------------------------------------------------
@@ -84,7 +104,7 @@ class FedwaGrid(Grid):
     def get_node_ids(self) -> list[int]:
         """Node ids ordered by partition id (unknown nodes are asked first)."""
         nodes = list(self.inner.get_node_ids())
-        new = [n for n in nodes if n not in self.partition_of]
+        new = [n for n in nodes if n not in self.partition_of and n not in self.rejected_nodes]
         if new:
             self._handshake(new)
         return sorted((n for n in nodes if n in self.partition_of),
@@ -105,6 +125,24 @@ class FedwaGrid(Grid):
         return replies
 
     # --- fedwa's additions --------------------------------------------------------------------
+
+    def example_limit(self, node: int) -> int | None:
+        """Most examples ``node`` may claim in a reply: the training examples it reported at
+        the handshake (None for a node this grid never heard of)."""
+        info = self.node_info.get(node)
+        return int(info["num-examples"]) if info is not None else None
+
+    def test_limit(self, node: int) -> int | None:
+        """Most test examples ``node`` may count in federated evaluation: what it reported at
+        the handshake (None when it reported no test split)."""
+        info = self.node_info.get(node)
+        if info is None or "test-examples" not in info:
+            return None
+        return int(info["test-examples"])
+
+    def _partition_size(self, pid: int) -> int | None:
+        sizes = self.partition_sizes
+        return int(sizes[pid]) if sizes is not None and 0 <= pid < len(sizes) else None
 
     def take_traffic(self) -> RoundTraffic:
         """Return the traffic since the last call and start counting afresh."""
@@ -128,24 +166,58 @@ class FedwaGrid(Grid):
                 self.traffic.replies.append(reply)
 
     def _handshake(self, node_ids: list[int]) -> None:
-        """Ask nodes for their partition id; a node that cannot answer is left out."""
+        """Ask nodes for their partition id and what they hold.
+
+        A node whose ClientApp raises stops the run with its reason (it cannot load its data:
+        misconfigured, and waiting for it would hang the run). A node whose answer is unusable
+        (:func:`fedwa.replies.handshake_problem`, or a partition another node already holds)
+        is left out for the whole run, logged and counted; too few usable nodes left for
+        ``min-available-clients`` raise :class:`~fedwa.errors.TooFewRepliesError`.
+        """
         messages = [
             Message(RecordDict({RUN_CONFIG_KEY: self.run_config_record}), node,
                     MessageType.QUERY, group_id="handshake")
             for node in node_ids
         ]
+        replies = list(self.inner.send_and_receive(messages, timeout=self.timeout))
         failures = []
-        for reply in self.inner.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
+        for reply in replies:
             if reply.has_error():
                 reason = reply.error.reason.strip().splitlines()
-                failures.append(f"node {node}: {reason[-1] if reason else 'no reason'}")
-                continue
-            info = dict(reply.content["info"])
-            self.partition_of[node] = int(info["partition-id"])
-            self.node_info[node] = info
+                failures.append(f"node {reply.metadata.src_node_id}: "
+                                f"{reason[-1] if reason else 'no reason'}")
         if failures:
             # A node that cannot even load its partition is misconfigured; waiting for it would
             # hang the run, so stop with the node's own reason.
             raise FedwaError(f"{len(failures)} of {len(node_ids)} nodes cannot take part: "
                              + "; ".join(failures[:3]))
+        num_clients = int(self.run_config.get("num-clients", len(node_ids)))
+        claimed = set(self.partition_of.values())
+
+        def check(reply: Message) -> str | None:
+            problem = handshake_problem(reply, num_clients, self.num_classes,
+                                        partition_size=self._partition_size)
+            if problem is None:
+                pid = int(reply.content["info"]["partition-id"])
+                if pid in claimed:
+                    # Two nodes cannot train the same partition; the first to claim it keeps it.
+                    return f"partition-id {pid} is already another node's"
+                claimed.add(pid)
+            return problem
+
+        # Node-id order, so which of two claimants keeps a partition does not depend on the
+        # order the replies arrived in.
+        replies.sort(key=lambda r: r.metadata.src_node_id)
+        usable, rejected = screen(replies, check, "handshake", self.traffic.rejected)
+        for node, reason in rejected:
+            self.rejected_nodes[node] = reason
+        for reply in usable:
+            info = dict(reply.content["info"])
+            self.partition_of[reply.metadata.src_node_id] = int(info["partition-id"])
+            self.node_info[reply.metadata.src_node_id] = info
+        needed = max(int(self.run_config.get("min-available-clients", 1)), 1)
+        if rejected and len(self.partition_of) < needed:
+            raise TooFewRepliesError(
+                f"handshake: only {len(self.partition_of)} of {len(node_ids)} nodes sent a "
+                f"usable handshake; min-available-clients is {needed} "
+                f"({rejection_detail(rejected)})")

@@ -27,6 +27,8 @@ from fedwa.checkpoint import (RUNTIME_KEYS, Checkpointer, check_not_finished,
 from fedwa.config import resolve_config
 from fedwa.errors import AllClientsFailedError, CheckpointError
 from fedwa.grid import FedwaGrid
+from fedwa.replies import (held_out_problem, model_problem, moments_problem, rejection_detail,
+                           screen)
 from fedwa.late_phase import collapse_state, ensemble_logits, num_members, set_active
 from fedwa.metrics import classification_report, evaluate_model, report_from_counts
 from fedwa.results import ResultsWriter, default_run_name, unique_dir
@@ -148,7 +150,11 @@ def _run_locked(grid: Grid, config: dict[str, Any], run_dir: Path, plot: bool,
         # summary of an earlier failed attempt no longer describes the run.
         writer.rewrite_rounds(checkpointed_records(checkpoint, run_dir))
         (writer.run_dir / "summary.json").unlink(missing_ok=True)
-    fedwa_grid = FedwaGrid(grid, config)
+    # The server split the data: a node training on its partition cannot hold more.
+    sizes = getattr(data, "client_indices", None)
+    fedwa_grid = FedwaGrid(grid, config, partition_sizes=(
+        [len(idx) for idx in sizes] if sizes is not None else None),
+        num_classes=int(data.num_classes))
     rounds = total_rounds(strategy, config)
     log.info("fedwa: %s on %s, %d clients, %d rounds -> %s", config["strategy"],
              config["dataset"], config["num-clients"], rounds, run_dir)
@@ -280,8 +286,37 @@ def bn_route(config: Mapping[str, Any]) -> str:
     return route
 
 
+def values_per_example(model: torch.nn.Module, layer: str,
+                       input_shape: tuple[int, ...]) -> int:
+    """How many values per channel one example puts through BatchNorm layer ``layer`` (1
+    after a linear layer, H*W after a convolution): one forward pass of a zero input.
+
+    The random state is forked around the pass: shadow weights draw kernel transforms in
+    eval mode, and this check must not change what the run computes.
+    """
+    module = dict(model.named_modules())[layer]
+    seen: list[int] = []
+
+    def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        seen.append(x.numel() // (x.shape[0] * x.shape[1]))
+
+    handle = module.register_forward_pre_hook(hook)
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return seen[0]
+
+
 def recompute_bn_federated(grid: FedwaGrid, model: torch.nn.Module, timeout: float = 600.0,
-                           member: int | None = None) -> None:
+                           member: int | None = None,
+                           input_shape: tuple[int, ...] | None = None) -> None:
     """Recompute ``model``'s BatchNorm statistics from the clients' data, layer by layer.
 
     For each BN layer in forward order the server sends the current model to every node; each
@@ -290,6 +325,15 @@ def recompute_bn_federated(grid: FedwaGrid, model: torch.nn.Module, timeout: flo
     pass over the union of the clients' data (:func:`fedwa.bn.federated_recompute_bn`).
     With late-phase weights, ``member`` selects the member whose BatchNorm copies are
     recomputed (the clients run that member).
+
+    Every reply goes through :func:`fedwa.replies.moments_problem` first: a NaN, a count
+    that does not match the examples the node holds (``input_shape`` gives the values per
+    example), or a negative variance leaves that node out of this layer's totals.
+
+    Raises
+    ------
+    AllClientsFailedError
+        No node returned usable moments for a layer.
     """
     for name in member_bn_layers(model, member):
         settings = {"bn-layer": name, **({"bn-member": member} if member is not None else {})}
@@ -297,18 +341,29 @@ def recompute_bn_federated(grid: FedwaGrid, model: torch.nn.Module, timeout: flo
                               "config": ConfigRecord(settings)})
         messages = [Message(content, node, BN_MOMENTS_ACTION, group_id="bn")
                     for node in grid.get_node_ids()]
-        parts, failures = [], []
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():
-                failures.append(reply.metadata.src_node_id)
-                continue
+        channels = int(dict(model.named_modules())[name].num_features)
+        positions = None
+        if input_shape is not None:
+            try:
+                positions = values_per_example(model, name, tuple(input_shape))
+            except Exception as err:  # noqa: BLE001 - a user's model may refuse a zero input
+                # Then counts are only held to whole multiples of num-examples.
+                log.info("BN statistics of %s: no probe pass (%s: %s); counts are checked "
+                         "against num-examples only", name, type(err).__name__, err)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        usable, rejected = screen(
+            replies, lambda r: moments_problem(r, channels,
+                                               limit=grid.example_limit(r.metadata.src_node_id),
+                                               positions=positions),
+            f"BN statistics of {name}", grid.traffic.rejected)
+        if not usable:
+            raise AllClientsFailedError(f"no node returned usable BatchNorm statistics for "
+                                        f"{name} ({rejection_detail(rejected) or 'no replies'})")
+        parts = []
+        for reply in usable:
             moments = to_state_dict(reply.content["moments"])
-            parts.append({name: (moments["count"].reshape(()), moments["sum"],
-                                 moments["sumsq"])})
-        if failures:
-            log.warning("BN statistics: nodes %s did not answer; using the others", failures)
-        if not parts:
-            raise AllClientsFailedError(f"no node returned BatchNorm statistics for {name}")
+            parts.append({name: (moments["count"].reshape(()).double(),
+                                 moments["sum"].double(), moments["sumsq"].double())})
         set_bn_stats(model, moments_to_stats(combine_moments(parts)))
 
 
@@ -357,7 +412,8 @@ class CentralEvaluator:
                 recompute_bn(self.model, x_val, batch_size=int(self.config["eval-batch-size"]),
                              device=self.device, layers=member_bn_layers(self.model, member))
             else:
-                recompute_bn_federated(self.grid, self.model, member=member)
+                recompute_bn_federated(self.grid, self.model, member=member,
+                                       input_shape=tuple(self.data.input_shape))
         set_active(self.model, 0)
         return self.route
 
@@ -418,20 +474,30 @@ class CentralEvaluator:
         # Traffic after evaluation: federated BN statistics are part of the round's bytes.
         traffic = self.grid.take_traffic()
         record["bn_route"] = {n: r for n, r in routes.items() if r} or None
+        # Replies left out other than training ones (BN moments, evaluation counts, handshakes,
+        # client evaluations), with node and reason: training rejections are in "rejected".
+        evaluate_rejected = [{"what": "client evaluation", "node": n, "reason": p} for n, p in
+                             getattr(self.strategy, "last_evaluate_rejected", ())]
+        record["replies_rejected"] = (traffic.rejected + evaluate_rejected) or None
         client_eval = getattr(self.strategy, "last_evaluate_metrics", {}) if server_round else {}
         record.update({f"clients_{k.replace('-', '_')}": v for k, v in client_eval.items()})
         basis = getattr(self.strategy, "basis_bytes", None)
         if basis is not None and basis():
             record["twa_basis_bytes"] = basis()
-        ok = [m for r in traffic.replies if not r.has_error()
-              and (m := record_named(r.content, "metrics", MetricRecord)) is not None]
         failures = getattr(self.strategy, "last_failures", None)
+        client_train = getattr(self.strategy, "last_train_metrics", None)
+        ok = []
+        if failures is None or client_train is None:
+            # Without fedwa's base the strategy screened nothing: count only replies that pass
+            # the guard (a list-valued partition-id or an inf count would break the sums
+            # below). A fedwa strategy has screened them already; not checked twice.
+            ok = [r.content["metrics"] for r in traffic.replies
+                  if model_problem(r, None) is None]
         failed = len(failures) if failures is not None else len(traffic.replies) - len(ok)
         # Errors, rejected replies (bad names, shapes, dtypes, NaN) and clients that did not
         # answer in time, with the nodes and reasons (fedwa strategies only).
         faults = getattr(self.strategy, "last_faults", None) or {}
         missing = int(faults.get("clients_missing", 0))
-        client_train = getattr(self.strategy, "last_train_metrics", None)
         if client_train is None and ok:  # a strategy without fedwa's base: all error-free replies
             # Replies arrive in any order; sum in partition order for a repeatable float.
             ok.sort(key=lambda m: float(m.get("partition-id", 0)))
@@ -482,19 +548,22 @@ class FederatedEvaluator(CentralEvaluator):
         nodes = self.grid.get_node_ids()
         messages = [Message(RecordDict({"arrays": arrays}), node, HELD_OUT_ACTION,
                             group_id="held-out") for node in nodes]
-        counts, failures = [], []
-        for reply in self.grid.send_and_receive(messages,
-                                                timeout=float(self.config["round-timeout"])):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or record_named(reply.content, "metrics", MetricRecord) is None:
-                failures.append(node)
-                continue
-            counts.append(reply.content["metrics"])
-        if failures:
-            log.warning("federated evaluation: nodes %s did not answer; the metrics cover the "
-                        "other %d", failures, len(counts))
+        replies = self.grid.send_and_receive(messages,
+                                             timeout=float(self.config["round-timeout"]))
+        # Counts above the node's test split, or inconsistent ones, would skew the metrics of
+        # the whole federation: such replies are left out like bad training replies.
+        num_classes = int(self.data.num_classes)
+        usable, rejected = screen(
+            replies, lambda r: held_out_problem(r, num_classes,
+                                                self.grid.test_limit(r.metadata.src_node_id)),
+            "federated evaluation", self.grid.traffic.rejected)
+        counts = [r.content["metrics"] for r in usable]
+        if rejected:
+            log.warning("federated evaluation: the metrics cover the %d nodes whose counts "
+                        "were usable", len(counts))
         if not counts:
-            raise AllClientsFailedError("federated evaluation: no node returned its counts")
+            raise AllClientsFailedError("federated evaluation: no node returned usable counts "
+                                        f"({rejection_detail(rejected) or 'no replies'})")
         total = np.sum([list(m["class-total"]) for m in counts], axis=0)
         correct = np.sum([list(m["class-correct"]) for m in counts], axis=0)
         train_counts = np.sum([list(self.grid.node_info[n]["class-counts"]) for n in nodes],

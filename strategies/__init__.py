@@ -23,6 +23,7 @@ from strategies.flower import FedAdam, FedAvgM, FedProx
 from strategies.hwa import HWA
 from strategies.imwa import IMWA
 from strategies.partial import PartialAveraging
+from strategies.robust import Bulyan, FedMedian, FedTrimmedAvg, Krum
 from strategies.swa import EMA, SWA
 from strategies.twa import TWAt, TWAv
 from strategies.wsa import WSA
@@ -32,6 +33,10 @@ REGISTRY: dict[str, type] = {
     "fedavgm": FedAvgM,
     "fedprox": FedProx,
     "fedadam": FedAdam,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "bulyan": Bulyan,
     "imwa": IMWA,
     "hwa": HWA,
     "swa": SWA,
@@ -44,9 +49,10 @@ REGISTRY: dict[str, type] = {
     "gossip": Gossip,
 }
 
-__all__ = ["REGISTRY", "DIMAT", "EMA", "HWA", "IMWA", "SWA", "DecentralizedStrategy", "FedAvg",
-           "FedAdam", "FedAvgM", "FedProx", "FedwaStrategy", "Gossip", "PartialAveraging", "TWAt", "TWAv", "WSA",
-           "build_strategy", "resolve_strategy_class"]
+__all__ = ["REGISTRY", "DIMAT", "EMA", "HWA", "IMWA", "SWA", "Bulyan", "DecentralizedStrategy",
+           "FedAdam", "FedAvg", "FedAvgM", "FedMedian", "FedProx", "FedTrimmedAvg", "FedwaStrategy",
+           "Gossip", "Krum", "PartialAveraging", "TWAt", "TWAv", "WSA", "build_strategy",
+           "resolve_strategy_class"]
 
 
 def resolve_strategy_class(name: str) -> type:

@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import Result
 from fedwa.arrays import array_view, record_named
 from fedwa.config import Key
 from fedwa.errors import FedwaError, TooFewRepliesError
+from fedwa.replies import evaluate_problem, model_problem, node_limit, screen
 
 log = logging.getLogger("fedwa")
 
@@ -113,36 +114,14 @@ def node_messages(record: RecordDict, node_ids: Iterable[int], message_type: str
             for node in node_ids]
 
 
-def reply_problem(reply: Message, expected: ArrayRecord | None) -> str | None:
-    """Why a training reply cannot be aggregated, or ``None`` when it can."""
-    if reply.has_error():
-        reason = reply.error.reason.strip().splitlines()
-        return f"client error: {reason[-1] if reason else 'no reason given'}"
-    arrays = record_named(reply.content, "arrays", ArrayRecord)
-    metrics = record_named(reply.content, "metrics", MetricRecord)
-    if arrays is None or metrics is None:
-        return "reply lacks 'arrays' or 'metrics'"
-    examples = metrics.get("num-examples")
-    if not isinstance(examples, (int, float)) or not examples > 0:
-        return f"num-examples is {examples!r}, expected a number > 0"
-    if expected is not None:
-        if set(arrays.keys()) != set(expected.keys()):
-            missing = sorted(set(expected.keys()) - set(arrays.keys()))[:3]
-            extra = sorted(set(arrays.keys()) - set(expected.keys()))[:3]
-            return f"its array names differ from the model sent (missing {missing}, extra {extra})"
-        for name, array in arrays.items():
-            if tuple(array.shape) != tuple(expected[name].shape):
-                return (f"array '{name}' has shape {tuple(array.shape)}, expected "
-                        f"{tuple(expected[name].shape)}")
-            if array.dtype != expected[name].dtype:
-                # Averaging would silently up- or down-cast it; a float16 or int reply is a
-                # client built differently from the server.
-                return f"array '{name}' has dtype {array.dtype}, expected {expected[name].dtype}"
-    for name, array in arrays.items():
-        values = array_view(array)
-        if values.dtype.kind in "fc" and not np.isfinite(values).all():
-            return f"array '{name}' holds NaN or inf"
-    return None
+def reply_problem(reply: Message, expected: ArrayRecord | None,
+                  limit: float | None = None) -> str | None:
+    """Why a training reply cannot be aggregated, or ``None`` when it can.
+
+    :func:`fedwa.replies.model_problem`: the one guard for every reply the server decodes.
+    ``limit`` caps ``num-examples`` (the examples the node reported at the handshake).
+    """
+    return model_problem(reply, expected, limit=limit)
 
 
 def match_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
@@ -170,9 +149,11 @@ class FedwaStrategy:
     Subclasses declare ``config_keys`` (their own run-config keys) and map them to constructor
     arguments in :meth:`kwargs_from_config`. The guarantees:
 
-    - a reply that is an error, has the wrong names, shapes or dtypes, or holds NaN/inf is
-      logged with its node id, counted in the round's metrics and left out; so is a client
-      that did not answer within ``round-timeout``; the round goes on with the others;
+    - a reply that is an error, has the wrong names, shapes or dtypes, a payload that is not
+      what its fields declare, NaN/inf values or metrics, or claims more examples than its node
+      reported at the handshake (:mod:`fedwa.replies`) is logged with its node id, counted in
+      the round's metrics and left out; so is a client that did not answer within
+      ``round-timeout``; the round goes on with the others;
     - when fewer than ``min-available-clients`` replies are usable,
       :class:`~fedwa.errors.TooFewRepliesError` stops the round (Flower's FedAvg would quietly
       keep the old model); the round loop retries it ``round-retries`` times first;
@@ -195,8 +176,11 @@ class FedwaStrategy:
         self.seed = seed
         self.run_config = dict(run_config or {})
         self.sent_arrays: ArrayRecord | None = None
+        #: The grid of the last configure call: knows each node's examples (FedwaGrid).
+        self.grid: Any = None
         self.last_failures: list[tuple[int, str]] = []
         self.last_evaluate_metrics: dict[str, float] = {}
+        self.last_evaluate_rejected: list[tuple[int, str]] = []
         self.last_train_metrics: dict[str, float] | None = None
         self.last_usable: list[Message] = []
         self.last_sampled = 0
@@ -294,11 +278,17 @@ class FedwaStrategy:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Any) -> Iterable[Message]:
         self.sent_arrays = arrays
+        self.grid = grid
         if "min-available-clients" in self.run_config:
             # Round 1 waits for every node; later rounds go on without nodes that died
-            # (Flower's sampling would otherwise wait for them forever).
-            self.min_available_nodes = (int(self.run_config["num-clients"]) if server_round == 1
-                                        else int(self.run_config["min-available-clients"]))
+            # (Flower's sampling would otherwise wait for them forever). Nodes whose handshake
+            # was refused never take part, so round 1 does not wait for them either.
+            if server_round == 1 and hasattr(grid, "rejected_nodes"):
+                grid.get_node_ids()  # the handshake, which may refuse nodes, runs first
+            refused = len(getattr(grid, "rejected_nodes", ()))
+            self.min_available_nodes = (
+                max(int(self.run_config["num-clients"]) - refused, 1) if server_round == 1
+                else int(self.run_config["min-available-clients"]))
         messages = self._parent_hook("configure_train", "train", server_round, arrays, config,
                                      grid, "fraction_train", "min_train_nodes",
                                      MessageType.TRAIN)
@@ -307,6 +297,8 @@ class FedwaStrategy:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Any) -> Iterable[Message]:
+        self.grid = grid
+        self.last_evaluate_rejected = []  # this round's, from aggregate_evaluate
         return self._parent_hook("configure_evaluate", "evaluate", server_round, arrays, config,
                                  grid, "fraction_evaluate", "min_evaluate_nodes",
                                  MessageType.EVALUATE)
@@ -324,15 +316,34 @@ class FedwaStrategy:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Example-weighted client evaluation; kept for the round's record (``clients_*``)."""
-        records = [m for r in replies if not r.has_error()
-                   and (m := record_named(r.content, "metrics", MetricRecord)) is not None]
+        """Example-weighted client evaluation; kept for the round's record (``clients_*``).
+
+        Replies go through :func:`fedwa.replies.evaluate_problem` first: an error, a count
+        above what the node holds (:meth:`evaluate_limit`) or a NaN metric is left out, so one
+        client can neither end the run nor dictate the reported client accuracy.
+        """
+        usable, rejected = screen(
+            replies, lambda r: evaluate_problem(r, self.evaluate_limit(r.metadata.src_node_id)),
+            f"evaluation, round {server_round}")
+        self.last_evaluate_rejected = rejected
+        records = [r.content["metrics"] for r in usable]
         if not records:
             self.last_evaluate_metrics = {}
             return None
         self.last_evaluate_metrics = example_weighted(
-            records, [float(m.get("num-examples", 1)) for m in records])
+            records, [float(m["num-examples"]) for m in records])
         return MetricRecord(self.last_evaluate_metrics)
+
+    def example_limit(self, node: int) -> float | None:
+        """Most examples a training reply of ``node`` may claim: what it reported at the
+        handshake (:meth:`fedwa.grid.FedwaGrid.example_limit`); None on a grid that does not
+        know (a Flower grid in a user's own app), where only finiteness is checked."""
+        return node_limit(getattr(self.grid, "example_limit", None), node)
+
+    def evaluate_limit(self, node: int) -> float | None:
+        """Most examples an evaluation reply of ``node`` may claim (fedwa's clients evaluate
+        on their training partition: :meth:`example_limit`)."""
+        return self.example_limit(node)
 
     # --- fedwa hooks --------------------------------------------------------------------------
 
@@ -342,11 +353,14 @@ class FedwaStrategy:
         usable, self.last_failures = [], []
         errors = 0
         for reply in replies:
-            problem = reply_problem(reply, self.sent_arrays)
+            node = reply.metadata.src_node_id
+            try:
+                problem = self.reply_problem(server_round, reply)
+            except Exception as err:  # noqa: BLE001 - a faulty reply must not end the run
+                problem = f"reply could not be checked ({type(err).__name__}: {err})"
             if problem is None:
                 usable.append(reply)
             else:
-                node = reply.metadata.src_node_id
                 errors += reply.has_error()
                 self.last_failures.append((node, problem))
                 log.warning("round %d: node %d left out: %s", server_round, node, problem)
@@ -375,10 +389,19 @@ class FedwaStrategy:
                 text = (f"only {len(usable)} of the {sampled} sampled clients returned a usable "
                         f"model; min-available-clients is {needed}")
             raise TooFewRepliesError(f"round {server_round}: {text} ({detail or 'no replies'})")
-        # Sort by partition so floating-point sums run in the same order in every run.
-        usable.sort(key=lambda r: (r.content["metrics"].get("partition-id", 0),
+        # Sort by partition so floating-point sums run in the same order in every run; the
+        # grid's partition (from the handshake) over the reply's own claim.
+        partition_of = getattr(self.grid, "partition_of", None) or {}
+        usable.sort(key=lambda r: (partition_of.get(r.metadata.src_node_id,
+                                                     r.content["metrics"].get("partition-id", 0)),
                                    r.metadata.src_node_id))
         return usable
+
+    def reply_problem(self, server_round: int, reply: Message) -> str | None:
+        """Why one training reply cannot be aggregated (:func:`reply_problem` against the
+        model sent, ``num-examples`` capped by :meth:`example_limit`), or None."""
+        return reply_problem(reply, self.sent_arrays,
+                             self.example_limit(reply.metadata.src_node_id))
 
     def protocol_hint(self, server_round: int) -> str | None:
         """What this round asks of the ClientApp beyond Flower's quickstart protocol (a model

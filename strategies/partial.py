@@ -171,6 +171,15 @@ class PartialAveraging(FedAvg):
                         server_round, PROTOCOL_DOC)
         return metrics
 
+    def evaluate_limit(self, node: int) -> float | None:
+        """Clients evaluate their kept model on the run's balanced test set, not on their
+        partition: its size caps their counts (None where the server knows no node)."""
+        if getattr(self.grid, "example_limit", None) is None or "dataset" not in self.run_config:
+            return None
+        from fedwa.task import federated_data
+
+        return len(federated_data(self.run_config).test_data()[1])
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Any) -> Iterable[Message]:
         last = server_round == self.total_rounds()

@@ -107,8 +107,9 @@ def test_unknown_model():
 def test_unknown_registered_strategy():
     err = resolve_error({"strategy": "fedfoo"})
     check_error(err, "strategy", "'fedfoo'",
-                "one of fedavg, fedavgm, fedprox, fedadam, imwa, hwa, swa, ema, twa-v, twa-t, "
-                "partial, wsa, dimat, gossip, or an import path module:Class")
+                "one of fedavg, fedavgm, fedprox, fedadam, fedmedian, fedtrimmedavg, krum, "
+                "bulyan, imwa, hwa, swa, ema, twa-v, twa-t, partial, wsa, dimat, gossip, or an "
+                "import path module:Class")
 
 
 def test_strategy_path_missing_module():

@@ -48,6 +48,10 @@ def factories() -> dict:
         "FedAvgM": lambda: strategies.FedAvgM(**SAMPLING, server_momentum=0.9),
         "FedProx": lambda: strategies.FedProx(**SAMPLING, proximal_mu=0.1),
         "FedAdam": lambda: strategies.FedAdam(**SAMPLING, eta=0.01, eta_l=LR),
+        "FedMedian": lambda: strategies.FedMedian(**SAMPLING),
+        "FedTrimmedAvg": lambda: strategies.FedTrimmedAvg(**SAMPLING, beta=0.34),
+        "Krum": lambda: strategies.Krum(**SAMPLING),
+        "Bulyan": lambda: strategies.Bulyan(**SAMPLING),
         "IMWA": lambda: strategies.IMWA(**SAMPLING),
         "HWA": lambda: strategies.HWA(**SAMPLING, hwa_window=2),
         "SWA": lambda: strategies.SWA(**SAMPLING),
@@ -186,6 +190,17 @@ def test_flower_optimisers_run_and_return_their_model(outcomes: dict, fedavg_glo
         assert outcome["result"].train_metrics_clientapp[1]["proximal-mu"] == -1.0
     if name == "FedAdam":  # a server optimiser, not FedAvg's step
         assert distance(result, fedavg_globals[NUM_ROUNDS]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["FedMedian", "FedTrimmedAvg", "Krum", "Bulyan"])
+def test_robust_rules_run_in_a_users_app_and_return_their_model(outcomes: dict, fedavg_globals,
+                                                               name):
+    outcome = ran(outcomes, name)
+    result = as_numpy(outcome["result"].arrays)
+    assert close(result, outcome["by_round"][NUM_ROUNDS])
+    assert distance(result, fedavg_globals[0]) > 1e-3  # it trained
+    if name in ("FedMedian", "Krum"):  # of three models, neither is their mean
+        assert distance(result, fedavg_globals[NUM_ROUNDS]) > 1e-6
 
 
 # --- time averages: the averaged model is what is evaluated and returned --------------------
