@@ -281,9 +281,32 @@ def _load_idx(name: str, files: dict[str, Path]) -> Dataset:
                          y_te, names)
 
 
+class _DataUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR batch holds: dicts, lists, bytes, numbers and numpy arrays.
+
+    A pickle can name any callable and have it run; a file in someone's ``data-root`` is
+    data, so every global but numpy's array reconstructors (the allow-list of
+    :func:`fedwa.safe_state.legacy_numpy_names`) is refused before anything is built.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        from fedwa.safe_state import legacy_numpy_names
+
+        # Pickles written under numpy 1 name numpy.core; numpy 2 keeps it as an alias.
+        canonical = f"{module.replace('numpy.core', 'numpy._core')}.{name}"
+        allowed = {n.replace("numpy.core", "numpy._core") for n in legacy_numpy_names()}
+        if canonical not in allowed and f"{module}.{name}" not in allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR batch "
+                                         "holds (only numpy arrays and plain data)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[bytes, Any]:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            return _DataUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise FedwaError(f"{path} was refused and not loaded: {err}; nothing in it ran") from None
 
 
 def _load_cifar(name: str, files: list[Path]) -> Dataset:

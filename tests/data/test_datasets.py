@@ -238,3 +238,25 @@ def test_unknown_name_raises_config_error(fn):
         fn("imagenet")
     assert err.value.key == "dataset"
     assert "cifar100" in str(err.value) and "'imagenet'" in str(err.value)
+
+
+class _Hostile:
+    """Pickles as a call of ``open(path, "w")``: an unrestricted unpickler would create it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_cifar_batch_that_names_a_callable_is_refused_and_never_runs(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    planted = tmp_path / "planted"
+    for b in range(5):
+        _pickle(folder / f"data_batch_{b + 1}", {b"data": _Hostile(planted), b"labels": [0]})
+    _pickle(folder / "test_batch", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})
+    with pytest.raises(FedwaError, match="was refused and not loaded: it names .*open"):
+        load_dataset("cifar10", str(tmp_path))
+    assert not planted.exists()
