@@ -57,6 +57,19 @@ def error_problem(reply: Message) -> Problem:
     return f"client error: {reason[-1] if reason else 'no reason given'}"
 
 
+def records_of(reply: Message, *names: tuple[str, type], what: str = "reply"
+               ) -> tuple[Problem, list[Any]]:
+    """The reply's records ``(name, kind)``, or why it has none to read: the client's error,
+    or a missing one (``"<what> lacks 'a' or 'b'"``)."""
+    problem = error_problem(reply)
+    if problem is not None:
+        return problem, []
+    records = [record_named(reply.content, name, kind) for name, kind in names]
+    if any(record is None for record in records):
+        return f"{what} lacks " + " or ".join(f"'{name}'" for name, _ in names), []
+    return None, records
+
+
 def number_problem(value: Any, what: str, *, integer: bool = False,
                    low: float | None = None, high: float | None = None,
                    low_open: bool = False) -> Problem:
@@ -189,13 +202,10 @@ def model_problem(reply: Message, expected: ArrayRecord | None, *,
     ``limit`` caps ``num-examples`` (:func:`count_problem`); ``scalars`` and ``required`` name
     metrics that must be single numbers (:func:`metrics_problem`).
     """
-    problem = error_problem(reply)
+    problem, records = records_of(reply, ("arrays", ArrayRecord), ("metrics", MetricRecord))
     if problem is not None:
         return problem
-    arrays = record_named(reply.content, "arrays", ArrayRecord)
-    metrics = record_named(reply.content, "metrics", MetricRecord)
-    if arrays is None or metrics is None:
-        return "reply lacks 'arrays' or 'metrics'"
+    arrays, metrics = records
     return (metrics_problem(metrics, limit=limit, scalars=scalars, required=required)
             or arrays_problem(arrays, expected))
 
@@ -227,13 +237,10 @@ def moments_problem(reply: Message, channels: int, *, limit: float | None = None
     A variance below zero (``sumsq`` < ``sum``^2 / ``count``, beyond rounding) cannot come
     from any data.
     """
-    problem = error_problem(reply)
+    problem, records = records_of(reply, ("moments", ArrayRecord), ("metrics", MetricRecord))
     if problem is not None:
         return problem
-    moments = record_named(reply.content, "moments", ArrayRecord)
-    metrics = record_named(reply.content, "metrics", MetricRecord)
-    if moments is None or metrics is None:
-        return "reply lacks 'moments' or 'metrics'"
+    moments, metrics = records
     if set(moments.keys()) != MOMENT_NAMES:
         return f"moments hold {sorted(moments.keys())}, expected {sorted(MOMENT_NAMES)}"
     problem = (metrics_problem(metrics, limit=limit)
@@ -274,12 +281,10 @@ def handshake_problem(reply: Message, num_clients: int, num_classes: int | None 
     node trains on the run's partitions (``own-data`` absent or 0): the node may not claim
     more training plus test examples than that.
     """
-    problem = error_problem(reply)
+    problem, records = records_of(reply, ("info", MetricRecord), what="handshake")
     if problem is not None:
         return problem
-    info = record_named(reply.content, "info", MetricRecord)
-    if info is None:
-        return "handshake lacks 'info'"
+    (info,) = records
     if "partition-id" not in info:
         return "handshake lacks 'partition-id'"
     problem = number_problem(info["partition-id"], "partition-id", integer=True, low=0,
@@ -312,12 +317,10 @@ def held_out_problem(reply: Message, num_classes: int, limit: float | None = Non
     correct <= total per class; ``num-examples`` must be their total, within ``limit`` (the
     test examples the node reported at the handshake); ``loss-sum`` a finite number >= 0.
     """
-    problem = error_problem(reply)
+    problem, records = records_of(reply, ("metrics", MetricRecord))
     if problem is not None:
         return problem
-    metrics = record_named(reply.content, "metrics", MetricRecord)
-    if metrics is None:
-        return "reply lacks 'metrics'"
+    (metrics,) = records
     problem = (metrics_problem(metrics, limit=limit)
                or int_list_problem(metrics.get("class-total"), "class-total", num_classes)
                or int_list_problem(metrics.get("class-correct"), "class-correct", num_classes)
@@ -335,12 +338,10 @@ def held_out_problem(reply: Message, num_classes: int, limit: float | None = Non
 def evaluate_problem(reply: Message, limit: float | None = None) -> Problem:
     """Why a client-side evaluation reply (``metrics`` with ``num-examples``) cannot be
     averaged, or None."""
-    problem = error_problem(reply)
+    problem, records = records_of(reply, ("metrics", MetricRecord))
     if problem is not None:
         return problem
-    metrics = record_named(reply.content, "metrics", MetricRecord)
-    if metrics is None:
-        return "reply lacks 'metrics'"
+    (metrics,) = records
     return metrics_problem(metrics, limit=limit)
 
 

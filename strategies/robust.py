@@ -83,6 +83,14 @@ class RobustAggregation:
                               f"at most a number f with {cls.rule} <= the {sampled} clients "
                               "a round samples (num-clients x fraction-train)")
 
+    @classmethod
+    def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Flower's ``num_malicious_nodes`` from the rule's key, once the config is checked."""
+        if not cls.malicious_key:
+            return {}
+        cls.check_config(config)
+        return {"num_malicious_nodes": cls.malicious(config)}
+
     def aggregate_replies(self, server_round: int, replies: list[Message]
                           ) -> ArrayRecord | None:
         f = int(getattr(self, "num_malicious_nodes", 0))  # Flower's attribute, set or not
@@ -141,11 +149,6 @@ class Krum(RobustAggregation, AttributeState, FedwaStrategy, ForeignMark, Flower
     def replies_needed(cls, malicious: int) -> int:
         return 2 * malicious + 3
 
-    @classmethod
-    def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        cls.check_config(config)
-        return {"num_malicious_nodes": int(config["krum-malicious"])}
-
 
 class Bulyan(RobustAggregation, AttributeState, FedwaStrategy, ForeignMark, FlowerBulyan):
     """Bulyan: Multi-Krum picks ``n - 2f`` replies, then each coordinate is the mean of the
@@ -161,8 +164,3 @@ class Bulyan(RobustAggregation, AttributeState, FedwaStrategy, ForeignMark, Flow
     @classmethod
     def replies_needed(cls, malicious: int) -> int:
         return 4 * malicious + 3
-
-    @classmethod
-    def kwargs_from_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        cls.check_config(config)
-        return {"num_malicious_nodes": int(config["bulyan-malicious"])}

@@ -1,5 +1,6 @@
 """Every strategy class of ``flwr.serverapp.strategy`` through ``fedwa run`` for 2 rounds on
-digits, by import path: fedwa's evaluation, results folder and checkpoints around Flower's math;
+digits, by import path: fedwa's evaluation, results folder and checkpoints around Flower's math
+(tests/test_checkpoint.py SIGKILLs and resumes Flower's FedAdam by import path);
 the DP wrappers wrap a named inner strategy; a strategy whose state is not data runs without
 checkpoints and says so once."""
 
@@ -30,21 +31,6 @@ STRATEGIES = {
 }
 
 
-TIMING = {"seconds", "train-seconds"}
-
-
-def comparable(rounds: list[dict]) -> list[dict]:
-    """Round records without wall-clock times."""
-    out = []
-    for record in rounds:
-        record = {k: v for k, v in record.items() if k not in TIMING}
-        if record.get("client_train"):
-            record["client_train"] = {k: v for k, v in record["client_train"].items()
-                                      if k not in TIMING}
-        out.append(record)
-    return out
-
-
 def run(tmp_path: Path, name: str, *extra: str) -> int:
     return cli_main(["run", "--quiet", *TINY, "--set", f"output-dir={tmp_path}",
                      "--set", f"run-name={name}", *extra])
@@ -67,44 +53,6 @@ def test_each_flower_strategy_runs_through_fedwa_with_results_and_checkpoints(
     if name == "DifferentialPrivacyClientSideFixedClipping":
         # fedwa's ClientApp clipped its updates to the wrapper's norm.
         assert rounds[-1]["client_train"]["clipping-norm"] == 5.0
-
-
-def test_a_flower_strategy_with_state_resumes_to_an_uninterrupted_run(tmp_path: Path) -> None:
-    """FedAdam's moments live in its attributes; a run stopped after round 1 and resumed ends
-    with the model and records of a run that was never stopped."""
-    import torch
-
-    common = ["--set", f"strategy={FLWR}FedAdam", "--set", "num-server-rounds=3",
-              "--set", "checkpoint-min-seconds=0"]
-    assert run(tmp_path, "whole", *common) == 0
-    # Stop after round 1: a run of the same config whose ServerApp raises after that round's
-    # checkpoint, then resumed (the SIGKILL case is tests/test_checkpoint.py's).
-    from fedwa import server_app
-
-    original = server_app.Checkpointer.__call__
-
-    def stop_after_round_one(self, server_round, arrays):  # noqa: ANN001
-        original(self, server_round, arrays)
-        if server_round == 1:
-            raise KeyboardInterrupt("stopped after round 1")
-
-    server_app.Checkpointer.__call__ = stop_after_round_one
-    try:
-        try:
-            code = run(tmp_path, "stopped", *common)
-        except KeyboardInterrupt:
-            code = 130
-        assert code != 0
-    finally:
-        server_app.Checkpointer.__call__ = original
-    stopped = tmp_path / "stopped"
-    assert load_checkpoint(stopped)["round"] == 1
-    assert load_checkpoint(stopped)["strategy"]["m_t"] is not None
-    assert cli_main(["run", "--quiet", "--resume", str(stopped)]) == 0
-    assert comparable(read_rounds(stopped)) == comparable(read_rounds(tmp_path / "whole"))
-    final = torch.load(stopped / "model.pt", weights_only=True)
-    expected = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
 def test_state_a_checkpoint_cannot_hold_turns_checkpoints_off_with_one_line(
