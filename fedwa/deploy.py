@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -436,8 +437,35 @@ def spawn(name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]
     log = open(log_path, "ab")  # noqa: SIM115 - closed by Managed.stop
     popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env=dict(env),
-                             cwd=str(cwd or log_path.parent), start_new_session=True)
+                             cwd=str(cwd or log_path.parent), start_new_session=True,
+                             preexec_fn=_die_with(os.getpid()))
     return Managed(name, popen, log_path, log)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux).
+
+    ``stop()`` and the signal handlers stop every child on any exit the launcher sees; this
+    covers the one it cannot see, ``kill -9`` of the launcher itself. The children's own
+    children follow: Flower starts them with ``--parent-pid`` and they exit with their parent.
+    The signal goes when the *thread* that started the child ends, so children are started
+    from the main thread. Elsewhere than Linux there is no such signal: None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before prctl: nobody would signal us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def wait_for_port(port: int, host: str = LOOPBACK, timeout: float = 60.0,
@@ -473,13 +501,18 @@ def _strip_ansi(text: str) -> str:
 
 def start_superlink(port: int, log_path: Path, env: Mapping[str, str],
                     credentials: Credentials | None, *, auth: bool = True,
-                    database: Path | None = None) -> Managed:
-    """Start ``flower-superlink`` on 127.0.0.1:``port`` (Fleet, Control and Runtime APIs).
+                    database: Path | None = None, host: str = LOOPBACK,
+                    seal_file: Path | None = None,
+                    superexec_secret: Path | None = None) -> Managed:
+    """Start ``flower-superlink`` on ``host:port`` (Fleet, Control and Runtime APIs).
+
+    It runs under :mod:`fedwa.linkguard`: the Control and Runtime APIs answer this machine
+    only, and SuperNode registration closes once ``seal_file`` exists.
 
     Parameters
     ----------
     port : int
-        The one HTTP port of Flower 1.41's SuperLink.
+        The one HTTP port of Flower 1.42's SuperLink.
     log_path : Path
         Where its output goes.
     env : mapping
@@ -490,8 +523,19 @@ def start_superlink(port: int, log_path: Path, env: Mapping[str, str],
         ``--enable-supernode-auth`` (requires TLS): only registered public keys may join.
     database : Path, optional
         SQLite file for the SuperLink's state (default: in memory).
+    host : str
+        Address to listen on (default 127.0.0.1; ``0.0.0.0`` for SuperNodes on other machines).
+    seal_file : Path, optional
+        See :class:`fedwa.linkguard.OperatorOnly`.
+    superexec_secret : Path, optional
+        Start in ``process`` isolation, handing ServerApp tasks only to a launcher holding
+        this shared secret: :func:`start_serverapp_executor`, which keeps the run token off
+        ``flwr-serverapp``'s command line. None: Flower's own launcher (``subprocess``).
     """
-    argv = ["flower-superlink", "--host", LOOPBACK, "--port", str(port),
+    guard = [sys.executable, "-m", "fedwa.linkguard"]
+    if seal_file is not None:
+        guard += ["--seal-file", str(seal_file)]
+    argv = [*guard, "--", "--host", host, "--port", str(port),
             "--disable-runtime-dependency-installation"]
     if credentials is None:
         if auth:
@@ -505,7 +549,23 @@ def start_superlink(port: int, log_path: Path, env: Mapping[str, str],
             argv.append("--enable-supernode-auth")
     if database is not None:
         argv += ["--database", str(database)]
+    if superexec_secret is not None:
+        argv += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     return spawn("superlink", argv, log_path, env)
+
+
+def start_serverapp_executor(superlink_address: str, log_path: Path, env: Mapping[str, str],
+                             credentials: Credentials | None, secret: Path,
+                             token_dir: Path) -> Managed:
+    """Start :mod:`fedwa.serverapp_executor` for a SuperLink started with ``superexec_secret``."""
+    argv = [sys.executable, "-m", "fedwa.serverapp_executor", "--runtime-api-address",
+            superlink_address, "--superexec-auth-secret-file", str(secret),
+            "--token-dir", str(token_dir)]
+    if credentials is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(credentials.ca_cert)]
+    return spawn("serverapp-executor", argv, log_path, env, cwd=PROJECT_DIR)
 
 
 def start_supernode(index: int, num_partitions: int, superlink_address: str, port: int,
@@ -680,12 +740,16 @@ class Deployment:
     auth: bool = True
     isolation: str = "subprocess"
     worker_mode: str = "inprocess"
+    #: Where the SuperLink listens, and on which port (None: a free one on 127.0.0.1).
+    host: str = LOOPBACK
+    port: int | None = None
     processes: list[Managed] = field(default_factory=list)
     superlink: Managed | None = None
     supernodes: list[Managed] = field(default_factory=list)
     workers: list[Managed] = field(default_factory=list)
     superlink_address: str = ""
     startup_seconds: float = 0.0
+    serverapp_executor: Managed | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -694,6 +758,14 @@ class Deployment:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         os.chmod(self.flwr_home, 0o700)
         self.logs = self.workdir / "logs"
+        self.seal_file = self.flwr_home / "registration.sealed"
+        self.seal_file.unlink(missing_ok=True)
+        # The SuperLink hands ServerApp tasks only to the executor holding this (0600).
+        self.superexec_secret = self.flwr_home / "superexec.secret"
+        self.superexec_secret.unlink(missing_ok=True)
+        from fedwa.serverapp_executor import write_private
+
+        write_private(self.superexec_secret, secrets.token_hex(32))
         if self.isolation not in ("subprocess", "process"):
             raise DeployError(f"isolation must be subprocess or process, not {self.isolation!r}")
         if self.insecure:
@@ -725,31 +797,48 @@ class Deployment:
     def start(self, timeout: float = 120.0) -> Deployment:
         """Start the SuperLink, register the keys, start the SuperNodes, wait until online."""
         t0 = time.monotonic()
-        self.start_superlink()
-        if self.auth and self.credentials is not None:
-            for _, pub in self.credentials.supernode_keys[: self.num_supernodes]:
-                register_supernode(pub, self.env)
+        self.start_link()
         for i in range(self.num_supernodes):
             self.start_supernode(i)
         self.wait_online(self.num_supernodes, timeout=timeout)
         self.startup_seconds = time.monotonic() - t0
         return self
 
+    def start_link(self) -> Managed:
+        """Start the SuperLink, register the first ``num_supernodes`` keys, close registration."""
+        proc = self.start_superlink()
+        if self.auth and self.credentials is not None:
+            for _, pub in self.credentials.supernode_keys[: self.num_supernodes]:
+                register_supernode(pub, self.env)
+            # Only the keys above may ever join: registration closes, loopback included.
+            self.seal_file.touch(mode=0o600)
+        return proc
+
     def start_superlink(self, attempts: int = 3) -> Managed:
-        """Start the SuperLink on a free port (retrying if another process took the port)."""
-        for attempt in range(attempts):
-            port = free_port()
+        """Start the SuperLink on ``port`` or a free one (retrying if another process took it).
+
+        The ``flwr`` connection and the ServerApp executor dial 127.0.0.1 (the Control and
+        Runtime APIs answer this machine only), or the bound address if it is a specific one.
+        """
+        local = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+        for attempt in range(1 if self.port else attempts):
+            port = self.port or free_port()
             proc = self._track(start_superlink(port, self.logs / "superlink.log", self.env,
-                                               self.credentials, auth=self.auth))
+                                               self.credentials, auth=self.auth,
+                                               host=self.host, seal_file=self.seal_file,
+                                               superexec_secret=self.superexec_secret))
             try:
-                wait_for_port(port, proc=proc)
+                wait_for_port(port, host=local, proc=proc)
             except DeployError:
                 proc.stop()
-                if attempt == attempts - 1:
+                if attempt == attempts - 1 or self.port:
                     raise
                 continue
-            self.superlink, self.superlink_address = proc, f"{LOOPBACK}:{port}"
+            self.superlink, self.superlink_address = proc, f"{local}:{port}"
             write_connection(self.flwr_home, self.superlink_address, self.credentials)
+            self.serverapp_executor = self._track(start_serverapp_executor(
+                self.superlink_address, self.logs / "serverapp-executor.log", self.env,
+                self.credentials, self.superexec_secret, self.flwr_home / "tokens"))
             return proc
         raise AssertionError("unreachable")
 
@@ -1231,6 +1320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fedwa-deploy-")).resolve()
     _install_signal_handlers()
     t0 = time.monotonic()
+    ok = False
     try:
         creds = Credentials.load(args.credentials) if args.credentials else None
         deployment = Deployment(workdir, args.supernodes, credentials=creds,
@@ -1251,12 +1341,59 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"final accuracy {final['accuracy']:.4f} after {summary.get('rounds')} rounds "
                   f"({time.monotonic() - t0:.1f}s in all)")
         print(f"results: {run_dir}")
+        ok = True
         return 0
     except DeployError as err:
         print(f"fedwa.deploy: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fedwa.deploy: interrupted; every started process was stopped", file=sys.stderr)
+        return 130
+    finally:
+        if not args.workdir:
+            _remove_temporary_workdir(workdir, keep_logs=not ok)
+
+
+def _remove_temporary_workdir(workdir: Path, keep_logs: bool) -> None:
+    """Remove the launcher's own temporary folder: its private keys and FLWR_HOME always, the
+    logs too unless the run failed (then they are what the user reads next)."""
+    import shutil
+
+    for part in ("credentials", "flwr_home"):
+        shutil.rmtree(workdir / part, ignore_errors=True)
+    if keep_logs and any((workdir / "logs").glob("*")):
+        print(f"fedwa.deploy: logs kept in {workdir / 'logs'} (keys removed)", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    """Serve a SuperLink for SuperNodes on other machines until Ctrl-C or SIGTERM."""
+    creds = Credentials.load(args.credentials)
+    count = args.supernodes or len(creds.supernode_keys)
+    workdir = Path(args.workdir).resolve()
+    _install_signal_handlers()
+    try:
+        with Deployment(workdir, count, credentials=creds, host=args.host,
+                        port=args.port) as deployment:
+            deployment.start_link()
+            print(f"SuperLink up on {args.host}:{args.port} (TLS, SuperNode auth, "
+                  f"{count} SuperNode keys registered, registration closed); the Control API "
+                  f"answers this machine only. Connect `flwr` with address = "
+                  f"\"{deployment.superlink_address}\" and root-certificates = "
+                  f"\"{creds.ca_cert}\" (also written to {deployment.flwr_home}/config.toml);"
+                  f" logs in {deployment.logs}", flush=True)
+            while deployment.superlink is not None and deployment.superlink.alive():
+                time.sleep(1.0)
+            assert deployment.superlink is not None
+            print(f"fedwa.deploy: the SuperLink exited: "
+                  f"{_last_line(deployment.superlink.log_text())}", file=sys.stderr)
+            return 1
+    except DeployError as err:
+        print(f"fedwa.deploy: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedwa.deploy: stopped; every started process was stopped", file=sys.stderr)
         return 130
 
 
@@ -1353,6 +1490,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds for the run")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("superlink", help="serve a SuperLink for SuperNodes on other machines: "
+                                         "TLS, their keys registered, registration closed, "
+                                         "the Control API for this machine only")
+    p.add_argument("--credentials", required=True,
+                   help="folder written by the `credentials` command")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=9093)
+    p.add_argument("--supernodes", type=int, default=0,
+                   help="register the first N keys (default: every key in --credentials)")
+    p.add_argument("--workdir", required=True, help="logs and the flwr connection")
+    p.set_defaults(func=cmd_superlink)
+
     p = sub.add_parser("clientapp-worker", help="serve a SuperNode's ClientApp tasks from one "
                                                 "long-lived process (--isolation process)")
     p.add_argument("--runtime-api-address", required=True)
@@ -1366,7 +1515,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m fedwa.deploy``."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "supernodes", 1) < 1:
+    if args.command == "run" and args.supernodes < 1:
         print("fedwa.deploy: error: --supernodes must be >= 1", file=sys.stderr)
         return 2
     return int(args.func(args))

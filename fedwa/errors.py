@@ -61,3 +61,11 @@ class RunFolderBusyError(FedwaError):
     The CLI exits with status 1, not 2: the command and its config are fine, the folder is in
     use now, and the same command works once the other run has ended.
     """
+
+
+class UntrustedNodesError(FedwaError):
+    """Nodes the run does not expect: more than ``num-clients``, or two on one partition id.
+
+    Either could be a rogue SuperNode (or a node started twice); the run stops rather than
+    average in a node it cannot tell from the real one.
+    """

@@ -8,6 +8,8 @@
   order, so seeded client sampling picks the same clients in every run although Flower draws
   random node ids; a handshake that fails :func:`fedwa.replies.handshake_problem` leaves its
   node out of the run (:attr:`FedwaGrid.rejected_nodes`);
+- trusts only the nodes it expects: more nodes than ``num-clients``, or two nodes claiming one
+  partition id, stop the run with :class:`~fedwa.errors.UntrustedNodesError` naming them;
 - knows how many examples each node holds (:meth:`FedwaGrid.example_limit`), the cap on the
   counts of its later replies;
 - counts the array bytes that go down and come up, and keeps the round's client replies, for the
@@ -24,7 +26,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedwa.errors import FedwaError, TooFewRepliesError
+from fedwa.errors import FedwaError, TooFewRepliesError, UntrustedNodesError
 from fedwa.replies import handshake_problem, rejection_detail, screen
 
 log = logging.getLogger("fedwa")
@@ -104,6 +106,12 @@ class FedwaGrid(Grid):
     def get_node_ids(self) -> list[int]:
         """Node ids ordered by partition id (unknown nodes are asked first)."""
         nodes = list(self.inner.get_node_ids())
+        num_clients = int(self.run_config.get("num-clients", len(nodes)))
+        if len(nodes) > num_clients:
+            raise UntrustedNodesError(
+                f"{len(nodes)} nodes are connected and num-clients is {num_clients}: a node "
+                f"this run does not expect joined (node ids {', '.join(map(str, sorted(nodes)))})"
+                "; stop the extra SuperNode, or set num-clients to the number of nodes")
         new = [n for n in nodes if n not in self.partition_of and n not in self.rejected_nodes]
         if new:
             self._handshake(new)
@@ -170,9 +178,11 @@ class FedwaGrid(Grid):
 
         A node whose ClientApp raises stops the run with its reason (it cannot load its data:
         misconfigured, and waiting for it would hang the run). A node whose answer is unusable
-        (:func:`fedwa.replies.handshake_problem`, or a partition another node already holds)
-        is left out for the whole run, logged and counted; too few usable nodes left for
-        ``min-available-clients`` raise :class:`~fedwa.errors.TooFewRepliesError`.
+        (:func:`fedwa.replies.handshake_problem`) is left out for the whole run, logged and
+        counted; too few usable nodes left for ``min-available-clients`` raise
+        :class:`~fedwa.errors.TooFewRepliesError`. Two nodes claiming one partition id stop
+        the run (:class:`~fedwa.errors.UntrustedNodesError`, naming them): one of them is not
+        the node the operator started, and which one cannot be told here.
         """
         messages = [
             Message(RecordDict({RUN_CONFIG_KEY: self.run_config_record}), node,
@@ -192,23 +202,27 @@ class FedwaGrid(Grid):
             raise FedwaError(f"{len(failures)} of {len(node_ids)} nodes cannot take part: "
                              + "; ".join(failures[:3]))
         num_clients = int(self.run_config.get("num-clients", len(node_ids)))
-        claimed = set(self.partition_of.values())
 
         def check(reply: Message) -> str | None:
-            problem = handshake_problem(reply, num_clients, self.num_classes,
-                                        partition_size=self._partition_size)
-            if problem is None:
-                pid = int(reply.content["info"]["partition-id"])
-                if pid in claimed:
-                    # Two nodes cannot train the same partition; the first to claim it keeps it.
-                    return f"partition-id {pid} is already another node's"
-                claimed.add(pid)
-            return problem
+            return handshake_problem(reply, num_clients, self.num_classes,
+                                     partition_size=self._partition_size)
 
-        # Node-id order, so which of two claimants keeps a partition does not depend on the
-        # order the replies arrived in.
         replies.sort(key=lambda r: r.metadata.src_node_id)
         usable, rejected = screen(replies, check, "handshake", self.traffic.rejected)
+        claims: dict[int, list[int]] = {}
+        for node, pid in self.partition_of.items():
+            claims.setdefault(pid, []).append(node)
+        for reply in usable:
+            pid = int(reply.content["info"]["partition-id"])
+            claims.setdefault(pid, []).append(reply.metadata.src_node_id)
+        shared = {pid: nodes for pid, nodes in claims.items() if len(nodes) > 1}
+        if shared:
+            # Which claimant is the real node cannot be told from here (a rogue node can
+            # claim any id); keeping either could average a stranger's model in.
+            raise UntrustedNodesError("; ".join(
+                f"nodes {', '.join(map(str, sorted(nodes)))} all claim partition-id {pid}"
+                for pid, nodes in sorted(shared.items()))
+                + ": two SuperNodes cannot hold one partition; stop the one you did not start")
         for node, reason in rejected:
             self.rejected_nodes[node] = reason
         for reply in usable:

@@ -298,9 +298,12 @@ def draw_mean_bands(ax: Any, groups: Mapping[str, Sequence[str | Path]],
         runs = [r for r in runs if r]
         if not runs:
             continue
-        length = min(len(r) for r in runs)
-        xs = [runs[0][i]["round"] for i in range(length)]
-        stats = [mean_std(r[i].get(key) for r in runs) for i in range(length)]
+        # By round number, not line index: a folder whose metrics.jsonl repeats or skips a
+        # round (an old resume wrote round 0 twice) must not shift its curve against the rest.
+        by_round = [{rec["round"]: rec for rec in r if isinstance(rec.get("round"), int)}
+                    for r in runs]
+        xs = sorted(set.intersection(*(set(b) for b in by_round)))
+        stats = [mean_std(b[x].get(key) for b in by_round) for x in xs]
         means = [s[0] for s in stats]
         stds = [s[1] for s in stats]
         ax.plot(xs, means, marker=".", label=f"{label} (n={len(runs)})")

@@ -161,9 +161,18 @@ def test_fedavg_runs_on_a_tls_authenticated_loopback_deployment(tmp_path: Path,
         assert d.credentials is not None and d.auth  # TLS and SuperNode auth are the default
         d.start(timeout=120)
         pids = list(d.pids)
-        assert len(pids) == (5 if isolation == "process" else 3)
-        run_dir = d.run_app(RUN, project_dir=PROJECT, output_dir=tmp_path / "runs",
-                            timeout=240)
+        # SuperLink, its ServerApp executor, 2 SuperNodes (and their 2 ClientApp workers)
+        assert len(pids) == (6 if isolation == "process" else 4)
+        seen: list[list[str]] = []
+        stop = threading.Event()
+        watcher = _when_round(tmp_path / "runs", 1, lambda _: seen.extend(
+            _command_lines("flwr-serverapp")), stop)
+        try:
+            run_dir = d.run_app(RUN, project_dir=PROJECT, output_dir=tmp_path / "runs",
+                                timeout=240)
+        finally:
+            stop.set()
+            watcher.join()
         superlink_log = d.superlink.log_text()
     _assert_all_gone(d, pids)
 
@@ -175,6 +184,25 @@ def test_fedavg_runs_on_a_tls_authenticated_loopback_deployment(tmp_path: Path,
     assert rounds[2]["clients_ok"] == 2
     assert "running on https://127.0.0.1:" in superlink_log  # TLS, loopback only
     assert "Activated node_id" in superlink_log
+    # The ServerApp ran with its run token in a 0600 file, not on its command line (which
+    # every user can read in /proc); Flower's own launcher passes `--token <token>`.
+    assert seen, "no flwr-serverapp process was running at round 1"
+    for argv in seen:
+        assert "--token" not in argv and "--token-file" in argv, argv
+
+
+def _command_lines(program: str) -> list[list[str]]:
+    """Command lines of the running processes whose program is ``program``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        words = [w.decode(errors="replace") for w in argv]
+        if any(Path(w).name == program for w in words[:2]):
+            found.append(words)
+    return found
 
 
 def _wait_exit(proc, seconds: float) -> bool:

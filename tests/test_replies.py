@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedwa.arrays import PayloadError, array_view, checked_view, new_array
 from fedwa.checkpoint import fetch_client_models
-from fedwa.errors import AllClientsFailedError, TooFewRepliesError
+from fedwa.errors import AllClientsFailedError, TooFewRepliesError, UntrustedNodesError
 from fedwa.grid import FedwaGrid
 from fedwa.replies import (count_problem, handshake_problem, held_out_problem,
                            model_problem, moments_problem, screen)
@@ -283,13 +283,12 @@ class InnerGrid:
     (info(pid=7), "partition-id is 7, expected at most 2"),
     (info(pid=1, examples=math.inf), "num-examples is inf, expected a number > 0"),
     (info(pid=1, examples=4), "class-counts add up to 3, num-examples is 4"),
-    (info(pid=0), "partition-id 0 is already another node's"),
     (info(pid=1, examples=10 ** 12, counts=(10 ** 12, 0)),
      "num-examples 1e+12 + test-examples 0 is more than partition 1's 5 examples"),
     (RecordDict({"metrics": MetricRecord({"partition-id": 1})}), "handshake lacks 'info'"),
     (info(pid=1, examples=3, counts=(1, 1, 1)), "class-counts has 3 entries, expected 2"),
 ], ids=["no-partition-id", "list-partition-id", "out-of-range", "inf-count", "counts-differ",
-        "duplicate", "more-than-partition", "no-info", "class-count-length"])
+        "more-than-partition", "no-info", "class-count-length"])
 def test_a_bad_handshake_leaves_its_node_out(bad: RecordDict, reason: str) -> None:
     # Before: info["partition-id"] raised KeyError (or int() a TypeError) and ended the run.
     grid = FedwaGrid(InnerGrid({11: info(0), 12: bad, 13: info(2)}), {"num-clients": 3},
@@ -313,6 +312,35 @@ def test_too_few_usable_handshakes_stop_with_a_clear_error() -> None:
     with pytest.raises(TooFewRepliesError, match=r"handshake: only 1 of 2 nodes sent a usable "
                        r"handshake; min-available-clients is 2 \(node 12: handshake lacks"):
         grid.get_node_ids()
+
+
+def test_two_nodes_claiming_one_partition_stop_the_run_naming_both() -> None:
+    # Before: the node with the larger id was left out and the run went on; a rogue node
+    # with a smaller random id would have kept the partition and been averaged in instead.
+    grid = FedwaGrid(InnerGrid({11: info(0), 12: info(1), 13: info(0)}), {"num-clients": 3},
+                     partition_sizes=[5, 5, 5], num_classes=2)
+    with pytest.raises(UntrustedNodesError, match=r"^nodes 11, 13 all claim partition-id 0: "
+                       r"two SuperNodes cannot hold one partition"):
+        grid.get_node_ids()
+
+
+def test_a_node_joining_later_on_a_held_partition_stops_the_run() -> None:
+    nodes = {11: info(0), 12: info(1)}
+    grid = FedwaGrid(InnerGrid(nodes), {"num-clients": 3}, partition_sizes=[5, 5, 5],
+                     num_classes=2)
+    assert grid.get_node_ids() == [11, 12]
+    nodes[13] = info(1)  # a third node, within num-clients, claims node 12's partition
+    with pytest.raises(UntrustedNodesError, match=r"^nodes 12, 13 all claim partition-id 1"):
+        grid.get_node_ids()
+
+
+def test_more_nodes_than_num_clients_stop_the_run_naming_them() -> None:
+    # The rogue-SuperNode finding: 3 nodes sampled in a num-clients = 2 run.
+    grid = FedwaGrid(InnerGrid({11: info(0), 12: info(1), 13: info(1)}), {"num-clients": 2})
+    with pytest.raises(UntrustedNodesError, match=r"^3 nodes are connected and num-clients is "
+                       r"2: a node this run does not expect joined \(node ids 11, 12, 13\)"):
+        grid.get_node_ids()
+    assert grid.partition_of == {}  # refused before anything was asked or sampled
 
 
 def test_round_one_does_not_wait_for_a_refused_node() -> None:

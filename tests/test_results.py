@@ -174,3 +174,31 @@ def test_plot_curves_writes_png(tmp_path):
                       tmp_path / "curves.png")
     assert out == tmp_path / "curves.png"
     assert is_png(out)
+
+
+def test_seeds_are_averaged_round_by_round_not_line_by_line(tmp_path):
+    from fedwa.results import draw_mean_bands
+
+    # Seed 0's file repeats round 0 (as a resume from a round-0 checkpoint once wrote it) and
+    # seed 1's lacks round 1: by line index, seed 0's round 0 would meet seed 1's round 2.
+    dirs = []
+    for seed, records in enumerate(([(0, 0.1), (0, 0.1), (1, 0.5), (2, 0.7)],
+                                    [(0, 0.3), (2, 0.9)])):
+        writer = ResultsWriter(tmp_path / f"s{seed}")
+        for r, acc in records:
+            writer.append_round({"round": r, "accuracy": acc})
+        dirs.append(writer.run_dir)
+
+    class Axes:
+        def plot(self, xs, means, **kw):
+            self.xs, self.means = list(xs), list(means)
+
+        def fill_between(self, xs, low, high, **kw):
+            self.low, self.high = list(low), list(high)
+
+    ax = Axes()
+    draw_mean_bands(ax, {"fedavg": dirs})
+    assert ax.xs == [0, 2]  # the rounds every seed has
+    assert ax.means == pytest.approx([0.2, 0.8])  # (0.1 + 0.3) / 2, (0.7 + 0.9) / 2
+    std = math.sqrt(2 * 0.1 ** 2)  # sample std of two values 0.2 apart
+    assert ax.high == pytest.approx([0.2 + std, 0.8 + std])
