@@ -33,5 +33,5 @@ def test_flower_app_components_point_at_the_apps() -> None:
 def test_readme_key_table_is_the_generated_one() -> None:
     from fedwa.config import markdown_table
 
-    readme = (PYPROJECT.parent / "README.md").read_text()
+    readme = (PYPROJECT.parent / "docs" / "configuration.md").read_text()
     assert markdown_table() in readme, "regenerate with `fedwa keys --markdown`"

@@ -247,10 +247,10 @@ def test_without_workdir_the_temporary_folder_and_its_keys_are_removed(tmp_path:
 def _readme_deploy_blocks() -> list[str]:
     import re
 
-    text = (PROJECT / "README.md").read_text()
+    text = (PROJECT / "docs" / "deployment.md").read_text()
     start = text.index("## Deploy on real machines")
-    end = text.index("\n## ", start + 1)
-    return re.findall(r"```bash\n(.*?)```", text[start:end], re.S)
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```bash\n(.*?)```", text[start:end if end > 0 else None], re.S)
 
 
 @deployment

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def readme_command() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "usage.md").read_text()
     start = text.index("Flower's own entry point works on the same app")
     (command,) = re.findall(r"```bash\n(.*?)```", text[start:text.index("- **The variable.**",
                                                                           start)], re.S)

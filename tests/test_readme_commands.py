@@ -37,7 +37,7 @@ def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_the_readmes_flower_strategy_commands_run_verbatim(tmp_path: Path, index: int) -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "strategies.md").read_text()
     blocks = bash_blocks(section(readme, "### Flower's strategies by import path"))
     assert len(blocks) == 2, "the section's two commands (QFedAvg, a DP wrapper) moved"
     done = run_shell(blocks[index], tmp_path)
@@ -58,7 +58,7 @@ def test_the_docs_examples_are_the_tested_plugin_modules() -> None:
 def test_the_custom_model_command_runs_verbatim(tmp_path: Path) -> None:
     """The README's command, in a folder holding the docs' my_model.py (the module beside it
     is found through PYTHONPATH=., as the README says)."""
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "usage.md").read_text()
     (command,) = bash_blocks(section(readme, "## Your own model and your own data"))
     (tmp_path / "my_model.py").write_text((PLUGINS / "my_model.py").read_text())
     done = run_shell(command, tmp_path)
