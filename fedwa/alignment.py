@@ -87,7 +87,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fedwa.models import MLP, ResNet, SmallCNN
+from fedwa.models import FEDWA_LOOKUP_ATTR, MLP, ResNet, SmallCNN
 
 # Added to the product of standard deviations: keeps a constant (dead) unit's correlations at
 # 0 instead of 0/0.
@@ -681,6 +681,9 @@ def permutation_spec(model: nn.Module,
             raise TypeError(f"no permutation spec for {type(model).__name__}: it is not a plain "
                             f"Conv/Linear/BatchNorm chain, as {err}; {how}") from None
     return _DERIVED[key]
+
+
+setattr(permutation_spec, FEDWA_LOOKUP_ATTR, True)  # see fedwa.models._user_spec_fn
 
 
 # Derived specs by (class, input shape, state-dict shapes): DIMAT asks for the spec in every

@@ -37,13 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 from fedwa.errors import ConfigError, FedwaError
+from fedwa.parent_death import die_with_parent
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
@@ -438,34 +439,10 @@ def spawn(name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]
     popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env=dict(env),
                              cwd=str(cwd or log_path.parent), start_new_session=True,
-                             preexec_fn=_die_with(os.getpid()))
+                             preexec_fn=die_with_parent(os.getpid()))
     return Managed(name, popen, log_path, log)
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with(parent: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux).
-
-    ``stop()`` and the signal handlers stop every child on any exit the launcher sees; this
-    covers the one it cannot see, ``kill -9`` of the launcher itself. The children's own
-    children follow: Flower starts them with ``--parent-pid`` and they exit with their parent.
-    The signal goes when the *thread* that started the child ends, so children are started
-    from the main thread. Elsewhere than Linux there is no such signal: None.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the launcher died before prctl: nobody would signal us
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 def wait_for_port(port: int, host: str = LOOPBACK, timeout: float = 60.0,

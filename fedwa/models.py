@@ -61,14 +61,17 @@ def model_origin(model: nn.Module) -> ModelOrigin | None:
     return origin if isinstance(origin, ModelOrigin) else None
 
 
-def _user_spec_fn(factory: Any, module: Any) -> Callable[[nn.Module], Any] | None:
-    from fedwa import alignment
+#: Set on fedwa's own lookup (:func:`fedwa.alignment.permutation_spec`), so it is told apart
+#: from a user's spec without this module importing the alignment code.
+FEDWA_LOOKUP_ATTR = "_fedwa_spec_lookup"
 
+
+def _user_spec_fn(factory: Any, module: Any) -> Callable[[nn.Module], Any] | None:
     for candidate in (getattr(factory, "permutation_spec", None),
                       getattr(module, "permutation_spec", None)):
         # `from fedwa.alignment import permutation_spec` in the user's module is fedwa's own
         # lookup, not a spec of theirs: calling it from the lookup would recurse.
-        if callable(candidate) and candidate is not alignment.permutation_spec:
+        if callable(candidate) and not getattr(candidate, FEDWA_LOOKUP_ATTR, False):
             return candidate
     return None
 

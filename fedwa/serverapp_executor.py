@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from fedwa.parent_death import die_with_parent
+
 #: The Runtime API call the shared secret protects (as Flower's own SuperExec signs it).
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 
@@ -75,7 +77,6 @@ def serverapp_executor(runtime_api_address: str, *, insecure: bool,
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    from fedwa.deploy import _die_with
 
     token_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(token_dir, 0o700)
@@ -109,7 +110,7 @@ def serverapp_executor(runtime_api_address: str, *, insecure: bool,
                     serverapp_command(runtime_api_address, token_file, insecure=insecure,
                                       root_certificates=root_certificates,
                                       parent_pid=os.getpid()),
-                    stdin=subprocess.DEVNULL, preexec_fn=_die_with(os.getpid()))
+                    stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(os.getpid()))
                 children[child] = token_file
                 print(f"serverapp-executor: task {res.task.task_id} -> pid {child.pid}",
                       flush=True)

@@ -98,4 +98,4 @@ def build_strategy(config: Mapping[str, Any]) -> Any:
                               "arguments to a Flower class named by module:Class; fedwa's own "
                               "strategies take their own config keys")
         return cls.from_config(config)
-    return build_foreign(cls, config)
+    return build_foreign(cls, config, resolve=resolve_strategy_class, build=build_strategy)

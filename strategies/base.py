@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Result
 
 from fedwa.arrays import array_view, record_named
-from fedwa.config import Key
+from fedwa.keys import Key
 from fedwa.errors import FedwaError, TooFewRepliesError
 from fedwa.replies import evaluate_problem, model_problem, node_limit, screen
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from fedwa.config import Key, at_least
+from fedwa.keys import Key, at_least
 from fedwa.errors import ConfigError
 from fedwa.topology import MIXING_RULES, TOPOLOGIES, is_complete, mixing_matrix, neighbours
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import inspect
 import random
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -206,15 +206,18 @@ def adapt(cls: type) -> type:
     return _ADAPTED[cls]
 
 
-def build_foreign(cls: type, config: Mapping[str, Any], args: Mapping[str, Any] | None = None
+def build_foreign(cls: type, config: Mapping[str, Any], args: Mapping[str, Any] | None = None,
+                  *, resolve: Callable[[str], type], build: Callable[[Mapping[str, Any]], Any]
                   ) -> Any:
     """``cls`` adapted and built from the run config and its ``strategy-args``.
 
     ``args`` defaults to the parsed ``strategy-args`` of ``config``; a wrapper's inner strategy
-    is built first, from ``args["strategy"]`` and ``args["strategy-args"]``.
+    is built first, from ``args["strategy"]`` and ``args["strategy-args"]``: ``resolve`` turns
+    its name into a class and ``build`` builds a fedwa one (the registry's
+    :func:`strategies.resolve_strategy_class` and :func:`strategies.build_strategy`, handed in
+    so that this module, which the registry imports, does not import the registry).
     """
-    from strategies import build_strategy, resolve_strategy_class
-
+    resolve_strategy_class, build_strategy = resolve, build
     args = dict(parse_strategy_args(str(config.get("strategy-args", ""))) if args is None
                 else args)
     if takes_inner_strategy(cls):
@@ -231,14 +234,13 @@ def build_foreign(cls: type, config: Mapping[str, Any], args: Mapping[str, Any] 
                 raise ConfigError("strategy-args", str(inner_args), f"no nested arguments for "
                                   f"fedwa's {inner_name!r}: it takes its own config keys")
             # The run config holds the wrapper's keys, not the inner's: fedwa's inner strategy
-            # gets its own keys' defaults (name a Flower class to set its arguments).
-            from fedwa.config import core_keys, resolve_config
-
-            core = set(core_keys())
-            args["strategy"] = build_strategy(resolve_config(
-                {k: v for k, v in inner_config.items() if k in core}))
+            # gets its own keys' defaults (name a Flower class to set its arguments). The core
+            # keys in `config` are resolved already; a key's default is valid by declaration.
+            args["strategy"] = build_strategy({
+                **inner_config, **{key.name: key.default for key in inner_cls.config_keys}})
         else:
-            args["strategy"] = build_foreign(inner_cls, inner_config, inner_args)
+            args["strategy"] = build_foreign(inner_cls, inner_config, inner_args,
+                                             resolve=resolve, build=build)
     kwargs = constructor_kwargs(cls, config, args)
     try:
         return adapt(cls)(seed=int(config["seed"]), run_config=config, **kwargs)

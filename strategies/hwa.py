@@ -42,7 +42,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedwa.averaging import WindowAverage
-from fedwa.config import Key, at_least
+from fedwa.keys import Key, at_least
 from fedwa.errors import ConfigError
 from strategies.averaged import AveragedModelStrategy
 

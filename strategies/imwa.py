@@ -43,7 +43,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedwa.arrays import to_state_dict
 from fedwa.averaging import ExponentialAverage
-from fedwa.config import Key, at_least
+from fedwa.keys import Key, at_least
 from fedwa.errors import ConfigError
 from strategies.fedavg import FedAvg
 

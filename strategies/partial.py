@@ -36,7 +36,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedwa.arrays import average_records, to_record, to_state_dict
-from fedwa.config import Key, at_least
+from fedwa.keys import Key, at_least
 from fedwa.errors import ConfigError
 from fedwa.partial import RULES, group_for_round, merge, partition_groups, select
 from strategies.base import PROTOCOL_DOC

@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
 from flwr.serverapp.strategy import Krum as FlowerKrum
 
 from fedwa.arrays import new_array_record
-from fedwa.config import Key
+from fedwa.keys import Key
 from fedwa.errors import ConfigError, TooFewRepliesError
 from strategies.base import FedwaStrategy
 from strategies.foreign import AttributeState, ForeignMark, sampled_clients

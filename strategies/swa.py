@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedwa.averaging import ExponentialAverage, RunningAverage
-from fedwa.config import Key, at_least
+from fedwa.keys import Key, at_least
 from fedwa.errors import ConfigError
 from strategies.averaged import AveragedModelStrategy
 

@@ -59,7 +59,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 
 from fedwa.arrays import average_records, to_state_dict
-from fedwa.config import Key, at_least
+from fedwa.keys import Key, at_least
 from fedwa.errors import ConfigError
 from fedwa.twa import (
     BASES,

@@ -20,7 +20,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedwa.arrays import to_state_dict
-from fedwa.config import Key, at_least
+from fedwa.keys import Key, at_least
 from fedwa.wsa import fuse_scopes, scope_layers, scopes
 from strategies.fedavg import FedAvg
 
