@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import time
 import types
@@ -77,7 +78,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.optim.sgd import sgd as sgd_step  # torch.optim.SGD's own functional step
 
+from fedwa import models as fedwa_models
 from fedwa.training import LocalTrainSpec, batch_order, schedule_lr
 
 # Spec fields this module implements. A field added to LocalTrainSpec later is unknown here: a
@@ -152,33 +155,86 @@ def can_batch(spec: LocalTrainSpec) -> bool:
     return _unsupported(spec) is None
 
 
-def _check_same_architecture(models: Sequence[nn.Module]) -> None:
+_Entries = tuple[dict[str, Tensor], dict[str, Tensor]]  # a model's named parameters, buffers
+
+
+def _entries(model: nn.Module) -> _Entries:
+    """``model``'s named parameters and buffers (one module walk each, done once per model)."""
+    return dict(model.named_parameters()), dict(model.named_buffers())
+
+
+def _check_same_architecture(models: Sequence[nn.Module], entries: Sequence[_Entries]) -> None:
     """Raise ``ValueError`` unless every model has the first one's class, names and shapes."""
 
-    def signature(model: nn.Module) -> tuple:
-        entries = list(model.named_parameters()) + list(model.named_buffers())
-        return type(model), [(n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in entries]
+    def signature(model: nn.Module, own: _Entries) -> tuple:
+        named = list(own[0].items()) + list(own[1].items())
+        return type(model), [(n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in named]
 
-    first = signature(models[0])
-    for k, model in enumerate(models[1:], start=1):
-        if signature(model) != first:
+    first = signature(models[0], entries[0])
+    for k, (model, own) in enumerate(zip(models[1:], entries[1:]), start=1):
+        if signature(model, own) != first:
             raise ValueError(f"model {k} differs from model 0 in class, parameter or buffer "
                              "names, shapes, dtypes or requires_grad; batched training needs "
                              "one architecture")
 
 
-def _plan_steps(orders: Sequence[list[Tensor]]) -> list[list[tuple[list[int], int]]]:
-    """For every step, the clients grouped by batch size: ``(members, batch_size)`` pairs.
+def _plan_steps(orders: Sequence[list[Tensor]], pad: bool) -> list[_Step]:
+    """What every step of a chunk computes, for ``orders`` sorted by step count, longest first.
 
-    Usually one group holds every client; a last partial batch of an epoch opens another.
+    At step ``s`` the clients that still have a step ``s`` are a prefix of the chunk (the
+    sort), ``active`` of them. Their batches are one group when they have one size, or when
+    ``pad`` (padding is exact for the model, :func:`_pads_exactly`): then the group's size is
+    the largest. Otherwise (BatchNorm: a padded example would enter the batch statistics) one
+    group per batch size, members as positions in the prefix.
     """
     plan = []
-    for step in range(len(orders[0])):
+    for step in range(len(orders[0]) if orders else 0):
+        active = sum(1 for order in orders if len(order) > step)
+        sizes = [len(orders[k][step]) for k in range(active)]
+        if pad or len(set(sizes)) == 1:
+            plan.append(_Step(active, [(list(range(active)), max(sizes))],
+                              padded=len(set(sizes)) > 1))
+            continue
         by_size: dict[int, list[int]] = {}
-        for k, order in enumerate(orders):
-            by_size.setdefault(len(order[step]), []).append(k)
-        plan.append([(members, size) for size, members in by_size.items()])
+        for k, size in enumerate(sizes):
+            by_size.setdefault(size, []).append(k)
+        plan.append(_Step(active, [(members, size) for size, members in by_size.items()],
+                          padded=False))
     return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One step of a chunk: the first ``active`` clients take part, in these groups."""
+
+    active: int
+    groups: list[tuple[list[int], int]]  # (positions among the active clients, batch size)
+    padded: bool  # one group whose shorter batches are padded to ``size``
+
+
+# Modules whose forward in training mode treats every example of a batch on its own (no
+# statistics over the batch), compared by exact type: a subclass may override forward. A model
+# built only of these (and of fedwa's own containers, whose forward only chains them) gives a
+# padded example's row no influence on the other rows, and a zero weight in the loss then gives
+# it none on the gradient.
+_PER_EXAMPLE_MODULES = frozenset({
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Flatten, nn.Unflatten,
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh,
+    nn.Sigmoid, nn.Softplus, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d, nn.LayerNorm, nn.GroupNorm, nn.Sequential,
+    fedwa_models.MLP, fedwa_models.SmallCNN, fedwa_models.BasicBlock, fedwa_models.ResNet,
+})
+
+
+def _pads_exactly(model: nn.Module) -> bool:
+    """Whether a client's short batch may be padded to a longer one without changing its step.
+
+    True for models built only of :data:`_PER_EXAMPLE_MODULES` (the mlp; not the cnn or the
+    ResNets, whose BatchNorm normalises over the batch). Anything else, a user's model
+    included, is split by batch size instead, which is exact for any model.
+    """
+    return all(type(module) in _PER_EXAMPLE_MODULES for module in model.modules())
 
 
 def _gather(tensors: Sequence[Tensor], orders: Sequence[list[Tensor]], members: list[int],
@@ -186,13 +242,18 @@ def _gather(tensors: Sequence[Tensor], orders: Sequence[list[Tensor]], members: 
     """``tensors[k][orders[k][step]]`` of every member, stacked: ``(members, size, ...)``.
 
     Gathered straight into the stacked batch, client by client: concatenating all clients'
-    data first would copy every example once more than sequential training does.
+    data first would copy every example once more than sequential training does. A member
+    whose batch is shorter than ``size`` fills the start of its row; the rest are zeros (a
+    finite value: the padded rows' zero loss weight must not meet an inf or a NaN).
     """
     first = tensors[members[0]]
-    out = torch.empty((len(members), size, *first.shape[1:]), dtype=first.dtype,
-                      device=first.device)
-    for i, k in enumerate(members):
-        torch.index_select(tensors[k], 0, orders[k][step], out=out[i])
+    shape = (len(members), size, *first.shape[1:])
+    lengths = [len(orders[k][step]) for k in members]
+    full = all(n == size for n in lengths)
+    out = (torch.empty if full else torch.zeros)(shape, dtype=first.dtype, device=first.device)
+    for i, (k, n) in enumerate(zip(members, lengths)):
+        torch.index_select(tensors[k], 0, orders[k][step], out=out[i] if n == size
+                           else out[i, :n])
     return out
 
 
@@ -262,88 +323,117 @@ def _batched_template(model: nn.Module) -> nn.Module:
     return template
 
 
-def _train_chunk(models: Sequence[nn.Module], datasets: Sequence[tuple[Tensor, Tensor]],
-                 orders: Sequence[list[Tensor]], spec: LocalTrainSpec,
-                 device: torch.device) -> list[dict[str, float]]:
-    """Train models that all make ``len(orders[0])`` steps, as one batched computation."""
+def _train_chunk(models: Sequence[nn.Module], entries: Sequence[_Entries],
+                 datasets: Sequence[tuple[Tensor, Tensor]], orders: Sequence[list[Tensor]],
+                 spec: LocalTrainSpec, device: torch.device,
+                 layouts: dict[str, bool]) -> list[dict[str, float]]:
+    """Train models with any step counts (``orders``, one batch list each) as one computation.
+
+    Every model has at least one step and is on ``device``. Clients whose steps are over are
+    left out of the remaining steps altogether (see :func:`_masked_step`); the result of each
+    is that of training it alone. ``layouts`` says which stacked weights to lay out transposed
+    (:func:`_learn_layouts`), learnt by the first chunk and kept for the next ones.
+    """
     started = time.perf_counter()
+    # Longest first: at every step the clients still training are then a prefix of the stack,
+    # and a prefix of the stack (clients are its outermost dimension) is one dense block.
+    rank = sorted(range(len(models)), key=lambda k: -len(orders[k]))
+    models = [models[k] for k in rank]
+    datasets = [datasets[k] for k in rank]
+    orders = [orders[k] for k in rank]
     count = len(models)
-    steps = len(orders[0])
+    steps_of = [len(order) for order in orders]
     for model in models:
-        model.to(device).train()
+        model.train()
     template = _batched_template(models[0])
     param_names = [n for n, _ in template.named_parameters()]
     buffer_names = [n for n, _ in template.named_buffers()]
-    own_params = [dict(m.named_parameters()) for m in models]
-    own_buffers = [dict(m.named_buffers()) for m in models]
+    own_params = [entries[k][0] for k in rank]
+    own_buffers = [entries[k][1] for k in rank]
     with torch.no_grad():
-        params = {n: torch.stack([own[n] for own in own_params]) for n in param_names}
+        params = {n: _stack([own[n].detach() for own in own_params], layouts.get(n, False))
+                  for n in param_names}
         buffers = {n: torch.stack([own[n] for own in own_buffers]) for n in buffer_names}
     # Frozen parameters stay frozen: train_local's SGD never gets a gradient for them (and so
     # never decays them either).
     trainable = [n for n in param_names if own_params[0][n].requires_grad]
-    for n in trainable:
-        params[n].requires_grad_(True)
+    # Filled by every client's first step, which is step 0 of the whole chunk (every client of
+    # a chunk has a step; see train_batched).
+    momentum_buffers: dict[str, Tensor] | None = {} if spec.momentum != 0 else None
     anchor = None
     if spec.proximal_mu > 0:
-        anchor = {n: p.detach().clone() for n, p in params.items()}
+        anchor = {n: p.clone() for n, p in params.items()}
 
     examples = [sum(len(idx) for idx in order) for order in orders]
     total_loss = torch.zeros(count, device=device)
     xs = [x.to(device) for x, _ in datasets]
     ys = [y.to(device) for _, y in datasets]
     orders = [[idx.to(device) for idx in order] for order in orders]
-    plan = _plan_steps(orders) if steps > 0 else []
+    plan = _plan_steps(orders, _pads_exactly(template))
 
     def client_loss(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         # The module's own forward on one client's slice: BatchNorm updates that client's
         # running statistics in place, inside the stacked buffer.
         return nn.functional.cross_entropy(functional_call(template, (p, b), (x,)), y)
 
+    def padded_loss(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor,
+                    weight: Tensor, length: Tensor) -> Tensor:
+        # The mean over the client's own examples: padded rows weigh 0 (their loss, finite,
+        # times 0 adds exact zeros, and their gradient is exactly 0).
+        per_example = nn.functional.cross_entropy(functional_call(template, (p, b), (x,)), y,
+                                                  reduction="none")
+        return (per_example * weight).sum() / length
+
     batched_loss = vmap(client_loss)
-    param_list = [params[n] for n in trainable]
-    optimiser = _stacked_sgd(param_list, spec)
-    per_step = spec.lr_schedule != "constant"
-    span = spec.progress_end - spec.progress_start
-    for step in range(steps):
-        if per_step:
-            lr = schedule_lr(spec.lr, spec.lr_schedule,
-                             spec.progress_start + span * step / steps)
-            for group in optimiser.param_groups:
-                group["lr"] = lr
+    batched_padded_loss = vmap(padded_loss)
+    fused = _fused_sgd_available(params[trainable[0]]) if trainable else False
+    for step, planned in enumerate(plan):
+        active = planned.active
+        # This step's leaves: views of the active prefix of the stacked weights (sharing their
+        # storage, so the SGD update below lands in the stack), taking the gradient.
+        leaves = {n: (p if active == count else p[:active]).detach() for n, p in params.items()}
+        for n in trainable:
+            leaves[n].requires_grad_(True)
+        live_buffers = {n: b if active == count else b[:active] for n, b in buffers.items()}
         objective = torch.zeros((), device=device)
-        for members, size in plan[step]:
+        for members, size in planned.groups:
             xb = _gather(xs, orders, members, step, size)
             yb = _gather(ys, orders, members, step, size)
-            positions = None if len(members) == count else torch.tensor(members, device=device)
-            if positions is None:
-                losses = batched_loss(params, buffers, xb, yb)
-                total_loss += losses.detach()
+            if planned.padded:
+                lengths = [len(orders[k][step]) for k in members]
+                weight = (torch.arange(size, device=device)
+                          < torch.tensor(lengths, device=device)[:, None]).to(xb.dtype)
+                length = torch.tensor(lengths, dtype=xb.dtype, device=device)
+                losses = batched_padded_loss(leaves, live_buffers, xb, yb, weight, length)
+                total_loss[:active] += losses.detach()
+            elif len(members) == active:
+                losses = batched_loss(leaves, live_buffers, xb, yb)
+                total_loss[:active] += losses.detach()
             else:
                 # Clients whose batch has another size this step: their slice of the weights
-                # (autograd routes the gradient back into the stacked tensors) and of the
-                # buffers (copied back after BatchNorm updated them).
-                sub_params = {n: p.index_select(0, positions) for n, p in params.items()}
-                sub_buffers = {n: b.index_select(0, positions) for n, b in buffers.items()}
+                # (autograd routes the gradient back into the leaves) and of the buffers
+                # (copied back after BatchNorm updated them).
+                positions = torch.tensor(members, device=device)
+                sub_params = {n: p.index_select(0, positions) for n, p in leaves.items()}
+                sub_buffers = {n: b.index_select(0, positions) for n, b in live_buffers.items()}
                 losses = batched_loss(sub_params, sub_buffers, xb, yb)
                 with torch.no_grad():
-                    for n, b in buffers.items():
+                    for n, b in live_buffers.items():
                         b.index_copy_(0, positions, sub_buffers[n])
                     total_loss.index_add_(0, positions, losses.detach().to(total_loss.dtype))
             objective = objective + losses.sum()
         if anchor is not None:
             # Summed over clients, each client's term depends only on its own weights.
             objective = objective + 0.5 * spec.proximal_mu * sum(
-                (params[n] - anchor[n]).pow(2).sum() for n in param_names)
+                (leaves[n] - anchor[n][:active]).pow(2).sum() for n in param_names)
         # autograd.grad rather than backward(): backward would copy every gradient that vmap
         # hands back transposed into the parameter's layout (a full pass over K models).
-        grads = torch.autograd.grad(objective, param_list, allow_unused=True)
-        for p, g in zip(param_list, grads):
-            # None for an unused parameter: SGD skips it, as it would per model. The fused
-            # kernel walks memory linearly and silently mixes up elements of a gradient laid
-            # out differently from its parameter (torch 2.14, CPU): hand it contiguous ones.
-            p.grad = g if g is None or g.is_contiguous() else g.contiguous()
-        optimiser.step()
+        grads = dict(zip(trainable, torch.autograd.grad(
+            objective, [leaves[n] for n in trainable], allow_unused=True)))
+        if step == 0:
+            _learn_layouts(params, grads, layouts)
+        _masked_step(params, grads, momentum_buffers, spec, step, steps_of[:active], fused,
+                     layouts)
 
     with torch.no_grad():
         for k in range(count):
@@ -351,29 +441,130 @@ def _train_chunk(models: Sequence[nn.Module], datasets: Sequence[tuple[Tensor, T
                 p.copy_(params[n][k])
             for n, b in own_buffers[k].items():
                 b.copy_(buffers[n][k])
-    # One wall time for the chunk; each client is charged an equal share of it.
-    share = (time.perf_counter() - started) / count
+    # One wall time for the chunk; each client is charged its share of the steps.
+    elapsed = time.perf_counter() - started
+    all_steps = max(sum(steps_of), 1)
     losses_out = total_loss.cpu()
-    return [{
-        "loss": float(losses_out[k]) / max(steps, 1),
-        "steps": float(steps),
+    stats = [{
+        "loss": float(losses_out[k]) / max(steps_of[k], 1),
+        "steps": float(steps_of[k]),
         "examples": float(examples[k]),
-        "seconds": share,
+        "seconds": elapsed * steps_of[k] / all_steps,
     } for k in range(count)]
+    unsorted: list[dict[str, float]] = [{}] * count
+    for position, k in enumerate(rank):
+        unsorted[k] = stats[position]
+    return unsorted
 
 
-def _stacked_sgd(params: list[Tensor], spec: LocalTrainSpec) -> torch.optim.SGD:
-    """``train_local``'s optimiser, over the stacked weights.
+def _fused_sgd_available(tensor: Tensor) -> bool:
+    """Whether torch's fused SGD kernel takes this tensor (a floating-point one on CPU or CUDA).
 
-    SGD's update is elementwise, so on stacked tensors it is every client's own update. The
-    fused kernel reads and writes weights, gradient and momentum once per step; the default
+    The fused kernel reads and writes weights, gradient and momentum once per step; the
     per-tensor path makes about four passes, which over ``K`` models no longer fit in cache.
     """
-    settings = {"lr": spec.lr, "momentum": spec.momentum, "weight_decay": spec.weight_decay}
-    try:
-        return torch.optim.SGD(params, fused=True, **settings)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.SGD(params, **settings)
+    return torch.is_floating_point(tensor) and tensor.device.type in ("cpu", "cuda")
+
+
+def _stack(tensors: list[Tensor], transposed: bool) -> Tensor:
+    """``torch.stack(tensors)``; if ``transposed``, with the last two dimensions swapped in
+    memory (same values, same shape; ``result.transpose(-1, -2)`` is contiguous)."""
+    if not transposed:
+        return torch.stack(tensors)
+    return torch.stack([t.transpose(-1, -2) for t in tensors]).transpose(-1, -2)
+
+
+def _learn_layouts(params: dict[str, Tensor], grads: dict[str, Tensor | None],
+                   layouts: dict[str, bool]) -> None:
+    """Lay out each stacked weight as vmap hands back its gradient (before the first step).
+
+    vmap returns a linear layer's stacked weight gradient as a transposed view (strides
+    ``(out * in, 1, out)``). SGD's fused kernel is fast only on contiguous tensors (about 3.5x
+    slower on that layout here) and needs weight, gradient and momentum buffer alike; rather
+    than copying every such gradient at every step, the weight takes the gradient's layout and
+    SGD runs on the contiguous transposes of both (an elementwise update does not care). The
+    client dimension stays outermost, so a prefix of clients is still one dense block.
+    ``layouts`` records the choice, and later chunks stack straight into it.
+    """
+    for n, g in grads.items():
+        if g is None:
+            continue
+        transposed = (g.dim() >= 3 and not g.is_contiguous()
+                      and g.transpose(-1, -2).is_contiguous())
+        if transposed != layouts.get(n, False):
+            params[n] = _stack(list(params[n]), transposed)
+            layouts[n] = transposed
+
+
+def _flat(tensor: Tensor, transposed: bool) -> Tensor:
+    """The view of a stacked weight (or its gradient) that SGD steps: see _learn_layouts."""
+    return tensor.transpose(-1, -2) if transposed else tensor
+
+
+def _masked_step(params: dict[str, Tensor], grads: dict[str, Tensor | None],
+                 momentum_buffers: dict[str, Tensor] | None, spec: LocalTrainSpec, step: int,
+                 steps_of: Sequence[int], fused: bool, layouts: dict[str, bool]) -> None:
+    """``train_local``'s SGD step ``step`` for the first ``len(steps_of)`` stacked clients.
+
+    Only those clients' slices of the weights and momentum buffers are read or written: SGD on
+    a whole stacked tensor would move every finished client too, since weight decay and
+    momentum change a weight whose gradient is zero. The step runs torch's own SGD
+    (``torch.optim.sgd.sgd``, the functional form of ``torch.optim.SGD``) on views of the
+    active clients' slices: one call per run of clients with the same lr. With a constant lr
+    that is one call for all of them; a per-step schedule spans each client's own step count,
+    so clients with different counts may have different lrs (the sort by step count makes
+    those runs contiguous).
+
+    Momentum buffers are created by SGD's own first step, at step 0, where every client of the
+    chunk takes part with one lr (the schedule's start). A parameter without a gradient at step
+    0 (unused) that has one later gets a buffer of zeros then: ``momentum * 0 + grad`` is
+    the gradient, as SGD's first step would have it. Buffers are kept in the stepped layout
+    (:func:`_flat`).
+    """
+    active = len(steps_of)
+    runs: list[tuple[int, int, float]] = []  # (first, end, lr), adjacent runs merged on lr
+    span = spec.progress_end - spec.progress_start
+    for k, steps in enumerate(steps_of):
+        lr = (spec.lr if spec.lr_schedule == "constant" else
+              schedule_lr(spec.lr, spec.lr_schedule, spec.progress_start + span * step / steps))
+        if runs and runs[-1][2] == lr:
+            runs[-1] = (runs[-1][0], k + 1, lr)
+        else:
+            runs.append((k, k + 1, lr))
+    # Weight, gradient and momentum buffer contiguous: the fused kernel walks memory linearly
+    # (a gradient laid out otherwise than its weight had its elements silently mixed up, torch
+    # 2.14, CPU) and is slow on any other layout. None (an unused parameter): skipped, as SGD
+    # does.
+    used = []
+    for n, g in grads.items():
+        if g is not None:
+            g = _flat(g, layouts.get(n, False))
+            used.append((n, g if g.is_contiguous() else g.contiguous()))
+    if not used:
+        return
+    weights = {n: _flat(params[n], layouts.get(n, False)) for n, _ in used}
+    count = next(iter(params.values())).shape[0]
+    fresh = momentum_buffers is not None and not momentum_buffers
+    if fresh and not (len(runs) == 1 and active == count):
+        raise AssertionError("the first step must be every client's, with one lr")
+    if momentum_buffers is not None and not fresh:
+        for n, _ in used:
+            if n not in momentum_buffers:
+                momentum_buffers[n] = torch.zeros_like(weights[n])
+    with torch.no_grad():
+        for first, end, lr in runs:
+            whole = first == 0 and end == count
+            cut = (lambda t: t) if whole else (lambda t: t[first:end])  # noqa: E731
+            buffers: list[Tensor | None] = (
+                [None] * len(used) if momentum_buffers is None or fresh
+                else [cut(momentum_buffers[n]) for n, _ in used])
+            sgd_step([cut(weights[n]) for n, _ in used],
+                     [g if first == 0 and end == active else g[first:end] for _, g in used],
+                     buffers, foreach=False, fused=fused, weight_decay=spec.weight_decay,
+                     momentum=spec.momentum, lr=lr, dampening=0.0, nesterov=False,
+                     maximize=False)
+            if fresh:  # SGD's first step filled the list with the new buffers
+                momentum_buffers.update((n, b) for (n, _), b in zip(used, buffers))
 
 
 def train_batched(
@@ -434,23 +625,36 @@ def train_batched(
         raise ValueError(reason)
     if not models:
         return []
-    _check_same_architecture(models)
+    entries = [_entries(model) for model in models]
+    _check_same_architecture(models, entries)
     if max_clients is None:
         max_clients = auto_max_clients(spec.batch_size, datasets[0][0].shape[1:])
     device = torch.device(device)
+    for k, model in enumerate(models):
+        # model.to(device) only where needed: its module walk costs more than a small
+        # client's share of a batched step.
+        own = entries[k]
+        if any(t.device != device for t in itertools.chain(own[0].values(), own[1].values())):
+            model.to(device)
+            entries[k] = _entries(model)
     orders = [batch_order(len(x), spec.batch_size, spec, torch.Generator().manual_seed(seed))
               for (x, _), seed in zip(datasets, seeds)]
-    # The lr schedule spans each client's own number of steps, so clients with different step
-    # counts cannot share a step loop: one batched group per step count.
-    by_steps: dict[int, list[int]] = {}
-    for k, order in enumerate(orders):
-        by_steps.setdefault(len(order), []).append(k)
+    # Longest first, then chunk after chunk: a chunk runs as many steps as its longest client,
+    # and clients of like step counts together keep its short ones few (those cost nothing once
+    # their steps are over, but every step costs a little per chunk). A client with no step
+    # (an empty partition) is left as train_local leaves it: on the device, in training mode.
+    ranked = sorted(range(len(models)), key=lambda k: -len(orders[k]))
+    training = [k for k in ranked if orders[k]]
     results: list[dict[str, float] | None] = [None] * len(models)
-    for members in by_steps.values():
-        for start in range(0, len(members), max_clients):
-            chunk = members[start:start + max_clients]
-            stats = _train_chunk([models[k] for k in chunk], [datasets[k] for k in chunk],
-                                 [orders[k] for k in chunk], spec, device)
-            for k, s in zip(chunk, stats):
-                results[k] = s
+    for k in ranked[len(training):]:
+        models[k].train()
+        results[k] = {"loss": 0.0, "steps": 0.0, "examples": 0.0, "seconds": 0.0}
+    layouts: dict[str, bool] = {}
+    for start in range(0, len(training), max_clients):
+        chunk = training[start:start + max_clients]
+        stats = _train_chunk([models[k] for k in chunk], [entries[k] for k in chunk],
+                             [datasets[k] for k in chunk], [orders[k] for k in chunk], spec,
+                             device, layouts)
+        for k, s in zip(chunk, stats):
+            results[k] = s
     return results  # type: ignore[return-value]
