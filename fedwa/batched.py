@@ -178,38 +178,60 @@ def _check_same_architecture(models: Sequence[nn.Module], entries: Sequence[_Ent
                              "one architecture")
 
 
-def _plan_steps(orders: Sequence[list[Tensor]], pad: bool) -> list[_Step]:
-    """What every step of a chunk computes, for ``orders`` sorted by step count, longest first.
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    """Clients ``first`` to ``end - 1`` of a chunk, one vmapped forward at one step.
+
+    Their batches have ``size`` examples, or, where ``padded``, at most ``size``: the shorter
+    ones are padded to it (only for models where that is exact, :func:`_pads_exactly`).
+    """
+
+    first: int
+    end: int
+    size: int
+    padded: bool
+
+
+# Padding a batch of n examples to the size of a longer one computes the padded rows too; a
+# range of clients is cut where its largest batch would exceed this many times its smallest:
+# each range costs a vmapped forward and backward (~1 ms on these CPUs), more than the work
+# padded up to twice the examples adds for the mlp at batch 32.
+_PAD_RATIO = 2.0
+
+
+def _client_order(order: list[Tensor]) -> tuple[int, int]:
+    """Sort key of a client in a chunk: most steps first, then the longest last batch."""
+    return (-len(order), -len(order[-1]) if order else 0)
+
+
+def _plan_steps(orders: Sequence[list[Tensor]], pad: bool) -> list[tuple[int, list[_Range]]]:
+    """Every step's ``(active, ranges)`` for ``orders`` sorted by :func:`_client_order`.
 
     At step ``s`` the clients that still have a step ``s`` are a prefix of the chunk (the
-    sort), ``active`` of them. Their batches are one group when they have one size, or when
-    ``pad`` (padding is exact for the model, :func:`_pads_exactly`): then the group's size is
-    the largest. Otherwise (BatchNorm: a padded example would enter the batch statistics) one
-    group per batch size, members as positions in the prefix.
+    sort), ``active`` of them, cut into contiguous ranges: runs of one batch size, or, with
+    ``pad``, runs whose largest batch is at most :data:`_PAD_RATIO` times their smallest. In
+    epoch mode every batch but an epoch's last is full, and the clients at their last batch
+    come after those with more steps, longest last batch first: few ranges.
     """
     plan = []
     for step in range(len(orders[0]) if orders else 0):
         active = sum(1 for order in orders if len(order) > step)
-        sizes = [len(orders[k][step]) for k in range(active)]
-        if pad or len(set(sizes)) == 1:
-            plan.append(_Step(active, [(list(range(active)), max(sizes))],
-                              padded=len(set(sizes)) > 1))
-            continue
-        by_size: dict[int, list[int]] = {}
-        for k, size in enumerate(sizes):
-            by_size.setdefault(size, []).append(k)
-        plan.append(_Step(active, [(members, size) for size, members in by_size.items()],
-                          padded=False))
+        ranges: list[_Range] = []
+        low = 0
+        for k in range(active):
+            n = len(orders[k][step])
+            if ranges:
+                last = ranges[-1]
+                if n == last.size and not last.padded or (
+                        pad and max(last.size, n) <= _PAD_RATIO * min(low, n)):
+                    low = min(low, n)
+                    ranges[-1] = _Range(last.first, k + 1, max(last.size, n),
+                                        last.padded or n != last.size)
+                    continue
+            ranges.append(_Range(k, k + 1, n, False))
+            low = n
+        plan.append((active, ranges))
     return plan
-
-
-@dataclasses.dataclass(frozen=True)
-class _Step:
-    """One step of a chunk: the first ``active`` clients take part, in these groups."""
-
-    active: int
-    groups: list[tuple[list[int], int]]  # (positions among the active clients, batch size)
-    padded: bool  # one group whose shorter batches are padded to ``size``
 
 
 # Modules whose forward in training mode treats every example of a batch on its own (no
@@ -337,7 +359,7 @@ def _train_chunk(models: Sequence[nn.Module], entries: Sequence[_Entries],
     started = time.perf_counter()
     # Longest first: at every step the clients still training are then a prefix of the stack,
     # and a prefix of the stack (clients are its outermost dimension) is one dense block.
-    rank = sorted(range(len(models)), key=lambda k: -len(orders[k]))
+    rank = sorted(range(len(models)), key=lambda k: _client_order(orders[k]))
     models = [models[k] for k in rank]
     datasets = [datasets[k] for k in rank]
     orders = [orders[k] for k in rank]
@@ -357,9 +379,6 @@ def _train_chunk(models: Sequence[nn.Module], entries: Sequence[_Entries],
     # Frozen parameters stay frozen: train_local's SGD never gets a gradient for them (and so
     # never decays them either).
     trainable = [n for n in param_names if own_params[0][n].requires_grad]
-    # Filled by every client's first step, which is step 0 of the whole chunk (every client of
-    # a chunk has a step; see train_batched).
-    momentum_buffers: dict[str, Tensor] | None = {} if spec.momentum != 0 else None
     anchor = None
     if spec.proximal_mu > 0:
         anchor = {n: p.clone() for n, p in params.items()}
@@ -387,53 +406,45 @@ def _train_chunk(models: Sequence[nn.Module], entries: Sequence[_Entries],
     batched_loss = vmap(client_loss)
     batched_padded_loss = vmap(padded_loss)
     fused = _fused_sgd_available(params[trainable[0]]) if trainable else False
-    for step, planned in enumerate(plan):
-        active = planned.active
-        # This step's leaves: views of the active prefix of the stacked weights (sharing their
-        # storage, so the SGD update below lands in the stack), taking the gradient.
-        leaves = {n: (p if active == count else p[:active]).detach() for n, p in params.items()}
-        for n in trainable:
-            leaves[n].requires_grad_(True)
-        live_buffers = {n: b if active == count else b[:active] for n, b in buffers.items()}
+    momentum_buffers: dict[str, Tensor] | None = {} if spec.momentum != 0 else None
+    for step, (active, ranges) in enumerate(plan):
         objective = torch.zeros((), device=device)
-        for members, size in planned.groups:
-            xb = _gather(xs, orders, members, step, size)
-            yb = _gather(ys, orders, members, step, size)
-            if planned.padded:
-                lengths = [len(orders[k][step]) for k in members]
-                weight = (torch.arange(size, device=device)
-                          < torch.tensor(lengths, device=device)[:, None]).to(xb.dtype)
-                length = torch.tensor(lengths, dtype=xb.dtype, device=device)
-                losses = batched_padded_loss(leaves, live_buffers, xb, yb, weight, length)
-                total_loss[:active] += losses.detach()
-            elif len(members) == active:
-                losses = batched_loss(leaves, live_buffers, xb, yb)
-                total_loss[:active] += losses.detach()
+        pieces: list[tuple[_Range, dict[str, Tensor]]] = []
+        for r in ranges:
+            # The range's leaves: views of its clients' slices of the stacked weights, taking
+            # the gradient; the finished clients (past the active prefix) are in no range.
+            leaves = {n: p[r.first:r.end].detach() for n, p in params.items()}
+            for n in trainable:
+                leaves[n].requires_grad_(True)
+            # Views too: BatchNorm's in-place update of them lands in the stacked buffers.
+            live_buffers = {n: b[r.first:r.end] for n, b in buffers.items()}
+            members = list(range(r.first, r.end))
+            xb = _gather(xs, orders, members, step, r.size)
+            yb = _gather(ys, orders, members, step, r.size)
+            if r.padded:
+                lengths = torch.tensor([len(orders[k][step]) for k in members], device=device)
+                weight = (torch.arange(r.size, device=device) < lengths[:, None]).to(xb.dtype)
+                losses = batched_padded_loss(leaves, live_buffers, xb, yb, weight,
+                                             lengths.to(xb.dtype))
             else:
-                # Clients whose batch has another size this step: their slice of the weights
-                # (autograd routes the gradient back into the leaves) and of the buffers
-                # (copied back after BatchNorm updated them).
-                positions = torch.tensor(members, device=device)
-                sub_params = {n: p.index_select(0, positions) for n, p in leaves.items()}
-                sub_buffers = {n: b.index_select(0, positions) for n, b in live_buffers.items()}
-                losses = batched_loss(sub_params, sub_buffers, xb, yb)
-                with torch.no_grad():
-                    for n, b in live_buffers.items():
-                        b.index_copy_(0, positions, sub_buffers[n])
-                    total_loss.index_add_(0, positions, losses.detach().to(total_loss.dtype))
+                losses = batched_loss(leaves, live_buffers, xb, yb)
+            total_loss[r.first:r.end] += losses.detach()
             objective = objective + losses.sum()
-        if anchor is not None:
-            # Summed over clients, each client's term depends only on its own weights.
-            objective = objective + 0.5 * spec.proximal_mu * sum(
-                (leaves[n] - anchor[n][:active]).pow(2).sum() for n in param_names)
+            if anchor is not None:
+                # Summed over clients, each client's term depends only on its own weights.
+                objective = objective + 0.5 * spec.proximal_mu * sum(
+                    (leaves[n] - anchor[n][r.first:r.end]).pow(2).sum() for n in param_names)
+            pieces.append((r, leaves))
         # autograd.grad rather than backward(): backward would copy every gradient that vmap
         # hands back transposed into the parameter's layout (a full pass over K models).
-        grads = dict(zip(trainable, torch.autograd.grad(
-            objective, [leaves[n] for n in trainable], allow_unused=True)))
+        inputs = [leaves[n] for _, leaves in pieces for n in trainable]
+        flat_grads = torch.autograd.grad(objective, inputs, allow_unused=True)
+        per_range = [(r.first, r.end, dict(zip(trainable, flat_grads[i * len(trainable):
+                                                                    (i + 1) * len(trainable)])))
+                     for i, (r, _) in enumerate(pieces)]
         if step == 0:
-            _learn_layouts(params, grads, layouts)
-        _masked_step(params, grads, momentum_buffers, spec, step, steps_of[:active], fused,
-                     layouts)
+            _learn_layouts(params, per_range[0][2], layouts)
+        _masked_step(params, per_range, momentum_buffers, spec, step, steps_of, fused, layouts)
 
     with torch.no_grad():
         for k in range(count):
@@ -501,70 +512,62 @@ def _flat(tensor: Tensor, transposed: bool) -> Tensor:
     return tensor.transpose(-1, -2) if transposed else tensor
 
 
-def _masked_step(params: dict[str, Tensor], grads: dict[str, Tensor | None],
+def _masked_step(params: dict[str, Tensor],
+                 pieces: Sequence[tuple[int, int, dict[str, Tensor | None]]],
                  momentum_buffers: dict[str, Tensor] | None, spec: LocalTrainSpec, step: int,
                  steps_of: Sequence[int], fused: bool, layouts: dict[str, bool]) -> None:
-    """``train_local``'s SGD step ``step`` for the first ``len(steps_of)`` stacked clients.
+    """``train_local``'s SGD step ``step`` for the clients of ``pieces``, and only them.
 
-    Only those clients' slices of the weights and momentum buffers are read or written: SGD on
-    a whole stacked tensor would move every finished client too, since weight decay and
-    momentum change a weight whose gradient is zero. The step runs torch's own SGD
-    (``torch.optim.sgd.sgd``, the functional form of ``torch.optim.SGD``) on views of the
-    active clients' slices: one call per run of clients with the same lr. With a constant lr
-    that is one call for all of them; a per-step schedule spans each client's own step count,
-    so clients with different counts may have different lrs (the sort by step count makes
-    those runs contiguous).
+    ``pieces`` are ``(first, end, gradients)`` of this step's ranges of clients; clients in
+    none (their steps are over) are not read or written: SGD on a whole stacked tensor would
+    move them too, since weight decay and momentum change a weight whose gradient is zero.
+    The step runs torch's own SGD (``torch.optim.sgd.sgd``, the functional form of
+    ``torch.optim.SGD``) on views of the clients' slices of the weights, gradients and
+    momentum buffers: one call per lr. With a constant lr that is one call; a per-step
+    schedule spans each client's own step count (``steps_of``), so clients with different
+    counts may have different lrs.
 
-    Momentum buffers are created by SGD's own first step, at step 0, where every client of the
-    chunk takes part with one lr (the schedule's start). A parameter without a gradient at step
-    0 (unused) that has one later gets a buffer of zeros then: ``momentum * 0 + grad`` is
-    the gradient, as SGD's first step would have it. Buffers are kept in the stepped layout
-    (:func:`_flat`).
+    Momentum buffers start as zeros, and SGD always takes its non-first step: a client's first
+    step then sets its buffer to ``momentum * 0 + grad``, which is ``grad`` exactly, as SGD's
+    first step does. (SGD's own first step would make one new buffer per call, and a call's
+    clients change from step to step.) Buffers are kept in the stepped layout (:func:`_flat`).
     """
-    active = len(steps_of)
-    runs: list[tuple[int, int, float]] = []  # (first, end, lr), adjacent runs merged on lr
     span = spec.progress_end - spec.progress_start
-    for k, steps in enumerate(steps_of):
-        lr = (spec.lr if spec.lr_schedule == "constant" else
-              schedule_lr(spec.lr, spec.lr_schedule, spec.progress_start + span * step / steps))
-        if runs and runs[-1][2] == lr:
-            runs[-1] = (runs[-1][0], k + 1, lr)
-        else:
-            runs.append((k, k + 1, lr))
-    # Weight, gradient and momentum buffer contiguous: the fused kernel walks memory linearly
-    # (a gradient laid out otherwise than its weight had its elements silently mixed up, torch
-    # 2.14, CPU) and is slow on any other layout. None (an unused parameter): skipped, as SGD
-    # does.
-    used = []
-    for n, g in grads.items():
-        if g is not None:
-            g = _flat(g, layouts.get(n, False))
-            used.append((n, g if g.is_contiguous() else g.contiguous()))
-    if not used:
-        return
-    weights = {n: _flat(params[n], layouts.get(n, False)) for n, _ in used}
-    count = next(iter(params.values())).shape[0]
-    fresh = momentum_buffers is not None and not momentum_buffers
-    if fresh and not (len(runs) == 1 and active == count):
-        raise AssertionError("the first step must be every client's, with one lr")
-    if momentum_buffers is not None and not fresh:
-        for n, _ in used:
-            if n not in momentum_buffers:
-                momentum_buffers[n] = torch.zeros_like(weights[n])
+    calls: dict[float, tuple[list[Tensor], list[Tensor], list[Tensor | None]]] = {}
+    for first, end, grads in pieces:
+        # Runs of clients with one lr within the range: the sort by step count keeps clients of
+        # one count, hence one lr, together.
+        runs: list[tuple[int, int, float]] = []
+        for k in range(first, end):
+            lr = (spec.lr if spec.lr_schedule == "constant" else schedule_lr(
+                spec.lr, spec.lr_schedule, spec.progress_start + span * step / steps_of[k]))
+            if runs and runs[-1][2] == lr:
+                runs[-1] = (runs[-1][0], k + 1, lr)
+            else:
+                runs.append((k, k + 1, lr))
+        for n, g in grads.items():
+            if g is None:  # an unused parameter: skipped, as SGD does
+                continue
+            transposed = layouts.get(n, False)
+            # Weight, gradient and momentum buffer contiguous: the fused kernel walks memory
+            # linearly (a gradient laid out otherwise than its weight had its elements
+            # silently mixed up, torch 2.14, CPU) and is slow on any other layout.
+            g = _flat(g, transposed)
+            g = g if g.is_contiguous() else g.contiguous()
+            weight = _flat(params[n], transposed)
+            if momentum_buffers is not None and n not in momentum_buffers:
+                momentum_buffers[n] = torch.zeros_like(weight)
+            for a, b, lr in runs:
+                weights, gradients, buffers = calls.setdefault(lr, ([], [], []))
+                weights.append(weight[a:b])
+                gradients.append(g if (a, b) == (first, end) else g[a - first:b - first])
+                buffers.append(momentum_buffers[n][a:b] if momentum_buffers is not None
+                               else None)
     with torch.no_grad():
-        for first, end, lr in runs:
-            whole = first == 0 and end == count
-            cut = (lambda t: t) if whole else (lambda t: t[first:end])  # noqa: E731
-            buffers: list[Tensor | None] = (
-                [None] * len(used) if momentum_buffers is None or fresh
-                else [cut(momentum_buffers[n]) for n, _ in used])
-            sgd_step([cut(weights[n]) for n, _ in used],
-                     [g if first == 0 and end == active else g[first:end] for _, g in used],
-                     buffers, foreach=False, fused=fused, weight_decay=spec.weight_decay,
-                     momentum=spec.momentum, lr=lr, dampening=0.0, nesterov=False,
-                     maximize=False)
-            if fresh:  # SGD's first step filled the list with the new buffers
-                momentum_buffers.update((n, b) for (n, _), b in zip(used, buffers))
+        for lr, (weights, gradients, buffers) in calls.items():
+            sgd_step(weights, gradients, buffers, foreach=False, fused=fused,
+                     weight_decay=spec.weight_decay, momentum=spec.momentum, lr=lr,
+                     dampening=0.0, nesterov=False, maximize=False)
 
 
 def train_batched(
@@ -643,7 +646,7 @@ def train_batched(
     # and clients of like step counts together keep its short ones few (those cost nothing once
     # their steps are over, but every step costs a little per chunk). A client with no step
     # (an empty partition) is left as train_local leaves it: on the device, in training mode.
-    ranked = sorted(range(len(models)), key=lambda k: -len(orders[k]))
+    ranked = sorted(range(len(models)), key=lambda k: _client_order(orders[k]))
     training = [k for k in ranked if orders[k]]
     results: list[dict[str, float] | None] = [None] * len(models)
     for k in ranked[len(training):]:
