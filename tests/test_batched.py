@@ -227,11 +227,11 @@ def test_masked_step_moves_only_the_clients_in_a_piece():
     buffers: dict = {}
     steps_of = [2, 1, 0]
     _masked_step(params, [(0, 2, {"w": torch.tensor([[0.5], [1.0]], dtype=torch.float64)})],
-                 buffers, spec, 0, steps_of, True, {})
+                 buffers, spec, 0, steps_of, True)
     assert params["w"].flatten().tolist() == pytest.approx([0.7, 1.4, 3.0], abs=1e-15)
     assert buffers["w"].flatten().tolist() == pytest.approx([0.6, 1.2, 0.0], abs=1e-15)
     _masked_step(params, [(0, 1, {"w": torch.zeros(1, 1, dtype=torch.float64)})],
-                 buffers, spec, 1, steps_of, True, {})
+                 buffers, spec, 1, steps_of, True)
     assert params["w"].flatten().tolist() == pytest.approx([0.395, 1.4, 3.0], abs=1e-15)
     assert buffers["w"].flatten().tolist() == pytest.approx([0.61, 1.2, 0.0], abs=1e-15)
     assert params["w"][2].item() == 3.0 and buffers["w"][2].item() == 0.0  # bit for bit
@@ -247,7 +247,7 @@ def test_masked_step_gives_each_client_the_lr_of_its_own_step_count(fused):
     spec = LocalTrainSpec(lr=1.0, momentum=0.0, weight_decay=0.0, lr_schedule="cosine")
     params = {"w": torch.full((3, 1), 10.0, dtype=torch.float64)}
     _masked_step(params, [(0, 3, {"w": torch.ones(3, 1, dtype=torch.float64)})], None, spec,
-                 1, [4, 4, 2], fused, {})
+                 1, [4, 4, 2], fused)
     lr4 = (1 + 2 ** -0.5) / 2
     assert params["w"].flatten().tolist() == pytest.approx([10 - lr4, 10 - lr4, 9.5], abs=1e-15)
 
