@@ -4,15 +4,16 @@
 much of its time is per-operation overhead (Python, dispatch, tiny kernels) rather than
 arithmetic. :func:`train_batched` stacks the weights of ``K`` models along a new leading
 dimension and runs the model's own ``forward`` on all of them at once with
-``torch.func.vmap`` over ``torch.func.functional_call``: linear layers become batched matrix
-products and convolutions grouped convolutions (vmap's own batching rules), so one kernel
-call does the work of ``K``. BatchNorm layers use a rule of this module that folds the
-clients into the channel dimension (one native batch norm, affine part and running-statistics
-update included). Gradients come from ordinary autograd on the sum of the clients' losses
-(client ``k``'s loss depends only on client ``k``'s slice of the stacked weights, so the
-gradient of the sum is every client's own gradient), and ``torch.optim.SGD`` itself (its
-fused kernel where available) steps the stacked tensors: its update is elementwise, hence
-every client's own update.
+``torch.func.vmap`` over ``torch.func.functional_call``: convolutions become grouped
+convolutions (vmap's own rule), so one kernel call does the work of ``K``. Linear and
+BatchNorm layers use rules of this module: linear layers one ``bmm(W, x^T)``, which hands back
+the weight gradients contiguous (vmap's own rule returns them transposed, and SGD's fused
+kernel would need them copied); BatchNorm folds the clients into the channel dimension (one
+native batch norm, affine part and running-statistics update included). Gradients come from
+ordinary autograd on the sum of the clients' losses (client ``k``'s loss depends only on
+client ``k``'s slice of the stacked weights, so the gradient of the sum is every client's own
+gradient), and ``torch.optim.SGD``'s own functional step (its fused kernel where available)
+updates the stacked tensors: its update is elementwise, hence every client's own update.
 
 Where it pays (``simulations/bench_batched.py``: 5 steps of batch 32, K = 10 to 1000 clients,
 one CPU thread on a shared 2-core machine): with the 8x8 inputs of the ``digits`` dataset the
@@ -40,12 +41,29 @@ last-bit difference occasionally flips a discrete choice (a ReLU input within ~1
 near-tie in max-pooling) and then that client's weights differ by ~1e-4 after a few steps, as
 they would between two machines.
 
-Clients may hold different amounts of data. Clients with different numbers of steps (epoch
-mode with different dataset sizes) are trained in separate batched groups. At a step where
-clients' batches differ in size (a last partial batch of an epoch), the clients are split by
-batch size and each sub-group runs its own vmapped forward; the backward pass and the SGD
-update stay one computation. Splitting, not padding with a mask: padded examples would enter
-BatchNorm's batch statistics.
+Clients may hold different amounts of data, hence make different numbers of steps (epoch
+mode over a Dirichlet partition) and end epochs on partial batches; they still train in one
+computation:
+
+- *Finished clients are left out, not masked.* The clients of a chunk are sorted by step
+  count, longest first, so at step ``s`` the clients that still have a step ``s`` are a
+  prefix of the stack, and only their slices (views) take part: in the forward, in the
+  gradient and in SGD's update. Masking the update of a whole stacked tensor (a zero gradient,
+  or lr 0) would not do: weight decay and momentum move a weight whose gradient is zero, so a
+  finished client's weights and momentum buffer would have to be saved and restored at every
+  step (two more passes over every model). A finished client's weights, BatchNorm statistics
+  and ``num_batches_tracked`` are not read or written again until they are copied back.
+- *One lr per client.* A per-step schedule spans each client's own step count, so clients
+  with different counts have different lrs at one step; SGD runs once per distinct lr, on the
+  (contiguous, by the sort) runs of clients that share it. Momentum buffers start at zero:
+  ``momentum * 0 + grad`` is exactly ``grad``, SGD's first step.
+- *Partial batches: padded where exact, else split.* Each step's clients are cut into
+  contiguous ranges, each one vmapped forward. For models that treat every example on its own
+  (linear layers, convolutions, activations, pooling: the mlp, see ``_pads_exactly``) shorter
+  batches are padded with zero rows that weigh 0 in the loss (exact: a padded row gets no
+  gradient and changes no other row), and a range is cut only where sizes differ more than
+  twofold. For models with BatchNorm, padded examples would enter the batch statistics, so a
+  range holds clients of one batch size.
 
 Not supported (use ``train_local``): ``train_local``'s ``regulariser`` callable (an arbitrary
 function of one ``nn.Module`` cannot see the stacked weights), models that draw random numbers
@@ -159,8 +177,28 @@ _Entries = tuple[dict[str, Tensor], dict[str, Tensor]]  # a model's named parame
 
 
 def _entries(model: nn.Module) -> _Entries:
-    """``model``'s named parameters and buffers (one module walk each, done once per model)."""
-    return dict(model.named_parameters()), dict(model.named_buffers())
+    """``model``'s named parameters and buffers, as ``named_parameters`` and ``named_buffers``
+    give them (shared tensors once, under their first name), in one module walk; and the
+    model put in training mode, as ``train_local`` leaves it.
+
+    One walk, not the three of ``named_parameters``, ``named_buffers`` and ``train()``: for a
+    small client those walks cost more than its share of a batched step.
+    """
+    params: dict[str, Tensor] = {}
+    buffers: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    training = True
+    for prefix, module in model.named_modules():
+        training = training and module.training
+        dot = prefix + "." if prefix else ""
+        for members, out in ((module._parameters, params), (module._buffers, buffers)):
+            for name, tensor in members.items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    out[dot + name] = tensor
+    if not training:
+        model.train()
+    return params, buffers
 
 
 def _check_same_architecture(models: Sequence[nn.Module], entries: Sequence[_Entries]) -> None:
@@ -409,8 +447,6 @@ def _train_chunk(models: Sequence[nn.Module], entries: Sequence[_Entries],
     orders = [orders[k] for k in rank]
     count = len(models)
     steps_of = [len(order) for order in orders]
-    for model in models:
-        model.train()
     param_names = [n for n, _ in template.named_parameters()]
     buffer_names = [n for n, _ in template.named_buffers()]
     own_params = [entries[k][0] for k in rank]
@@ -641,8 +677,9 @@ def train_batched(
     for k, model in enumerate(models):
         # model.to(device) only where needed: its module walk costs more than a small
         # client's share of a batched step.
-        own = entries[k]
-        if any(t.device != device for t in itertools.chain(own[0].values(), own[1].values())):
+        own = itertools.chain(entries[k][0].values(), entries[k][1].values())
+        if (not all(t.is_cpu for t in own) if device.type == "cpu"
+                else any(t.device != device for t in own)):
             model.to(device)
             entries[k] = _entries(model)
     orders = [batch_order(len(x), spec.batch_size, spec, torch.Generator().manual_seed(seed))
@@ -655,7 +692,6 @@ def train_batched(
     training = [k for k in ranked if orders[k]]
     results: list[dict[str, float] | None] = [None] * len(models)
     for k in ranked[len(training):]:
-        models[k].train()
         results[k] = {"loss": 0.0, "steps": 0.0, "examples": 0.0, "seconds": 0.0}
     template = _batched_template(models[0])
     for start in range(0, len(training), max_clients):

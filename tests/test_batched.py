@@ -335,3 +335,17 @@ def test_unequal_step_counts_in_float32_and_chunks():
                                    dtype=torch.float64, max_clients=3))
     assert_same_training(*run_both("cnn", (1, 8, 8), DIRICHLET_SIZES, spec, DIRICHLET_SEEDS,
                                    dtype=torch.float64, max_clients=3))
+
+
+def test_entries_walk_matches_named_parameters_and_sets_training_mode():
+    from fedwa.batched import _entries
+
+    model = build_model("cnn", (1, 8, 8), 10)
+    model.extra = torch.nn.Linear(2, 2)
+    model.tied = model.extra  # the same module twice: its tensors once, first name
+    model.eval()
+    params, buffers = _entries(model)
+    assert list(params) == [n for n, _ in model.named_parameters()]
+    assert list(buffers) == [n for n, _ in model.named_buffers()]
+    assert all(params[n] is t for n, t in model.named_parameters())
+    assert all(m.training for m in model.modules())  # as train_local leaves it
