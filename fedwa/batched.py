@@ -633,7 +633,8 @@ def train_batched(
         in place and moved to ``device``; their ``.grad`` is left untouched (``train_local``
         leaves the last step's gradients there).
     datasets : sequence of (x, y) tensor pairs
-        Each client's examples and labels; sizes may differ.
+        Each client's examples and labels; sizes, hence step counts, may differ (they still
+        train together).
     spec : LocalTrainSpec
         Shared by all clients; must satisfy :func:`can_batch`.
     seeds : sequence of int
@@ -650,7 +651,7 @@ def train_batched(
     list of dict
         Per model, as ``train_local``: ``loss`` (mean training loss over the steps), ``steps``,
         ``examples`` (examples seen), ``seconds`` (the wall time of the model's batched chunk
-        divided by the number of models in it).
+        times the model's share of the chunk's steps; 0 for a model with no step).
 
     Raises
     ------
