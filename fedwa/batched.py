@@ -15,12 +15,15 @@ client ``k``'s slice of the stacked weights, so the gradient of the sum is every
 gradient), and ``torch.optim.SGD``'s own functional step (its fused kernel where available)
 updates the stacked tensors: its update is elementwise, hence every client's own update.
 
-Where it pays (``simulations/bench_batched.py``: 5 steps of batch 32, K = 10 to 1000 clients,
-one CPU thread on a shared 2-core machine): with the 8x8 inputs of the ``digits`` dataset the
-batched loop ran 2.0-3.4x as many client updates per second as the sequential one for the mlp
-and 1.5-2.4x for the cnn. With 28x28 inputs the kernels' own work (max-pooling, BatchNorm and
-convolutions over the activations) dominates, which batching does not reduce: mlp 1.3-1.5x,
-cnn 0.94-1.05x (no gain).
+Where it pays (``simulations/bench_batched.py``, one CPU thread on a heavily shared 2-core
+machine, ratios of interleaved repeats, which moved by about +-25% between runs): with the 8x8
+inputs of the ``digits`` dataset and 5 equal steps of batch 32 at K = 100, the batched loop
+ran 3.0x as many client updates per second as the sequential one for both the mlp and the cnn.
+Over Dirichlet(0.5) client sizes (``--partition dirichlet``, 1 epoch, ~18 examples per client,
+so 1-2 steps each), 1.8-2.9x for the mlp at K = 100 and 2.8-4.5x at K = 1000. With 28x28
+inputs the kernels' own work dominates, which batching does not reduce: mlp 1.05-2.1x; the cnn
+gained nothing there before this module's unequal-step support (0.94-1.05x) and was not
+measured again.
 
 What is the same as ``train_local``, per model:
 
