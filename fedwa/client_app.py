@@ -297,8 +297,8 @@ def train_many(messages: Sequence[Message], contexts: Sequence[Context]
     """:func:`train` for several nodes at once (the local backend's ``batch-clients``).
 
     Jobs that :meth:`TrainJob.batchable` and share a training spec and device are trained
-    together by :func:`fedwa.batched.train_batched` (which further groups them by step
-    count); the others one by one, as :func:`train` would. Each entry of the result is the
+    together by :func:`fedwa.batched.train_batched` (in one computation whatever their step
+    counts); the others one by one, as :func:`train` would. Each entry of the result is the
     node's reply, or the exception its message raised (the caller turns it into an error
     reply, as Flower does for a ClientApp that raises).
     """

@@ -149,9 +149,9 @@ CORE_KEYS: tuple[Key, ...] = (
         "(local, no start-up cost) or Flower's Ray engine (ray: parallel clients, several "
         "machines).", choices=("local", "ray")),
     Key("batch-clients", False, "Local backend: train a round's clients together in one "
-        "batched computation (fedwa.batched) where they share an architecture and step count; "
-        "equal to one-by-one training to float tolerance, not bit for bit. Pays for small "
-        "models and inputs (digits), not for the cnn on 28x28."),
+        "batched computation (fedwa.batched) where they share an architecture, whatever their "
+        "step counts; equal to one-by-one training to float tolerance, not bit for bit. Pays "
+        "for small models and inputs (the mlp on digits), not for the cnn on 28x28."),
     Key("client-cpus", 1.0, "CPUs per client, handed to the Ray backend.", check=positive),
     Key("client-gpus", 0.0, "GPUs per client (fractions share a card; Ray backend).",
         check=at_least(0)),

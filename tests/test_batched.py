@@ -106,12 +106,14 @@ def test_one_example_tail_dropped_like_sequential():
 
 
 def test_epoch_mode_with_different_step_counts():
-    # epochs=2, batch 8: 24 -> 6 steps, 12 -> 4 steps, 40 -> 10 steps; one group per count,
-    # each with the lr schedule spanning its own steps.
+    # epochs=2, batch 8: 24 -> 6 steps, 12 -> 4 steps, 40 -> 10 steps, all in one batched
+    # computation, each with the lr schedule spanning its own steps (three lrs per step).
+    # float64: in float32 the 10-step client's conv weights here end ~2e-4 apart (a last-bit
+    # difference that flips a discrete choice, see TOLERANCES); in float64 they agree to 1e-15.
     spec = LocalTrainSpec(epochs=2, steps=0, batch_size=8, lr=0.05, momentum=0.9,
                           weight_decay=5e-4, lr_schedule="cosine", progress_start=0.2,
                           progress_end=0.6)
-    out = run_both("cnn", (1, 8, 8), [24, 12, 40], spec, [0, 1, 2])
+    out = run_both("cnn", (1, 8, 8), [24, 12, 40], spec, [0, 1, 2], dtype=torch.float64)
     assert [s["steps"] for s in out[3]] == [6.0, 4.0, 10.0]
     assert_same_training(*out)
 
@@ -203,3 +205,147 @@ def test_frozen_parameters_stay_frozen():
     bat_stats = train_batched(models, data, spec, [1, 2, 3])
     assert_same_training(sequential, models, seq_stats, bat_stats)
     assert all(torch.equal(m.fc1.weight, w) for m, w in zip(models, start))
+
+
+# --- unequal step counts in one batched computation ------------------------------------------
+
+
+def test_masked_step_moves_only_the_clients_in_a_piece():
+    # Three stacked one-weight clients, SGD with momentum 0.9, weight decay 0.1, lr 0.5.
+    # Step 0, clients 0 and 1 (gradients 0.5, 1.0):
+    #   client 0: buffer = 0.5 + 0.1 * 1 = 0.6,  weight = 1 - 0.5 * 0.6 = 0.7
+    #   client 1: buffer = 1.0 + 0.1 * 2 = 1.2,  weight = 2 - 0.5 * 1.2 = 1.4
+    #   client 2 (no step): weight 3, buffer 0, untouched
+    # Step 1, client 0 only (gradient 0):
+    #   client 0: buffer = 0.9 * 0.6 + 0 + 0.1 * 0.7 = 0.61, weight = 0.7 - 0.5 * 0.61 = 0.395
+    #   client 1 stays at 1.4 and 1.2; SGD over the whole stack would have moved it by its
+    #   momentum and decay to 1.4 - 0.5 * (0.9 * 1.2 + 0.1 * 1.4) = 0.79.
+    from fedwa.batched import _masked_step
+
+    spec = LocalTrainSpec(lr=0.5, momentum=0.9, weight_decay=0.1)
+    params = {"w": torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)}
+    buffers: dict = {}
+    steps_of = [2, 1, 0]
+    _masked_step(params, [(0, 2, {"w": torch.tensor([[0.5], [1.0]], dtype=torch.float64)})],
+                 buffers, spec, 0, steps_of, True)
+    assert params["w"].flatten().tolist() == pytest.approx([0.7, 1.4, 3.0], abs=1e-15)
+    assert buffers["w"].flatten().tolist() == pytest.approx([0.6, 1.2, 0.0], abs=1e-15)
+    _masked_step(params, [(0, 1, {"w": torch.zeros(1, 1, dtype=torch.float64)})],
+                 buffers, spec, 1, steps_of, True)
+    assert params["w"].flatten().tolist() == pytest.approx([0.395, 1.4, 3.0], abs=1e-15)
+    assert buffers["w"].flatten().tolist() == pytest.approx([0.61, 1.2, 0.0], abs=1e-15)
+    assert params["w"][2].item() == 3.0 and buffers["w"][2].item() == 0.0  # bit for bit
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_masked_step_gives_each_client_the_lr_of_its_own_step_count(fused):
+    # Cosine from lr 1 over [0, 1), no momentum or decay: at step 1 a 4-step client is at
+    # progress 1/4, lr = (1 + cos(pi / 4)) / 2 = 0.853553..., a 2-step one at progress 1/2,
+    # lr = 0.5. Gradient 1 each: weights 10 - 0.853553 and 10 - 0.5.
+    from fedwa.batched import _masked_step
+
+    spec = LocalTrainSpec(lr=1.0, momentum=0.0, weight_decay=0.0, lr_schedule="cosine")
+    params = {"w": torch.full((3, 1), 10.0, dtype=torch.float64)}
+    _masked_step(params, [(0, 3, {"w": torch.ones(3, 1, dtype=torch.float64)})], None, spec,
+                 1, [4, 4, 2], fused)
+    lr4 = (1 + 2 ** -0.5) / 2
+    assert params["w"].flatten().tolist() == pytest.approx([10 - lr4, 10 - lr4, 9.5], abs=1e-15)
+
+
+def test_plan_cuts_each_step_into_ranges_of_the_clients_still_training():
+    # batch 8, one epoch: 32 -> 8 8 8 8, 20 -> 8 8 4, 13 -> 8 5, 5 -> 5; sorted by step count,
+    # then by the size of the last batch (already in that order here).
+    from fedwa.batched import _Range, _client_order, _plan_steps
+
+    spec = LocalTrainSpec(epochs=1, batch_size=8)
+    orders = [batch_order(n, 8, spec, torch.Generator().manual_seed(0)) for n in (32, 20, 13, 5)]
+    assert sorted(orders, key=_client_order) == orders
+    padded = _plan_steps(orders, pad=True)
+    # Padding joins sizes within a factor of 2 of each other: 8 with 5, 8 with 4.
+    assert padded == [(4, [_Range(0, 4, 8, True)]), (3, [_Range(0, 3, 8, True)]),
+                      (2, [_Range(0, 2, 8, True)]), (1, [_Range(0, 1, 8, False)])]
+    exact = _plan_steps(orders, pad=False)
+    assert exact == [(4, [_Range(0, 3, 8, False), _Range(3, 4, 5, False)]),
+                     (3, [_Range(0, 2, 8, False), _Range(2, 3, 5, False)]),
+                     (2, [_Range(0, 1, 8, False), _Range(1, 2, 4, False)]),
+                     (1, [_Range(0, 1, 8, False)])]
+    # 8 and 3 are more than a factor 2 apart: two ranges even with padding.
+    short = [batch_order(n, 8, spec, torch.Generator().manual_seed(0)) for n in (8, 3)]
+    assert _plan_steps(short, pad=True) == [(2, [_Range(0, 1, 8, False),
+                                                _Range(1, 2, 3, False)])]
+
+
+def test_pads_only_models_without_batch_statistics():
+    from fedwa.batched import _pads_exactly
+
+    class MyLinear(torch.nn.Linear):  # a subclass may do anything in forward
+        pass
+
+    assert _pads_exactly(build_model("mlp", (1, 8, 8), 10))
+    assert not _pads_exactly(build_model("cnn", (1, 8, 8), 10))  # BatchNorm
+    assert not _pads_exactly(torch.nn.Sequential(MyLinear(4, 2)))
+    assert _pads_exactly(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))
+
+
+# Dirichlet-like sizes at batch 8, one epoch: 0 -> no step, 5 -> 1 step (5), 24 -> 3 steps,
+# 61 -> 8 steps (last 5), 17 -> 8 8 (the trailing one-example batch dropped), 30 -> 8 8 8 6,
+# 2 -> one batch of 2.
+DIRICHLET_SIZES = [24, 0, 5, 61, 17, 30, 2]
+DIRICHLET_SEEDS = [11, 12, 13, 14, 15, 16, 17]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("momentum,weight_decay,mu,schedule", [
+    (0.9, 5e-3, 0.0, "cosine"), (0.0, 0.0, 0.0, "constant"), (0.9, 5e-4, 0.3, "constant")])
+def test_unequal_step_counts_match_sequential(name, momentum, weight_decay, mu, schedule):
+    spec = LocalTrainSpec(epochs=1, steps=0, batch_size=8, lr=0.1, momentum=momentum,
+                          weight_decay=weight_decay, proximal_mu=mu, lr_schedule=schedule,
+                          progress_start=0.1, progress_end=0.4)
+    out = run_both(name, (1, 8, 8), DIRICHLET_SIZES, spec, DIRICHLET_SEEDS,
+                   same_init=mu > 0, dtype=torch.float64)
+    assert [s["steps"] for s in out[3]] == [3.0, 0.0, 1.0, 8.0, 2.0, 4.0, 1.0]
+    assert_same_training(*out)
+
+
+def test_clients_with_no_or_one_step_end_as_sequential_training_leaves_them():
+    # Among clients with 3 steps: one with none (empty) and one with a single batch of 5.
+    # The empty one is bit for bit where it started, BatchNorm statistics and count included;
+    # the one-step one agrees with train_local and has counted exactly one batch.
+    sizes, seeds = [24, 0, 5, 24], [1, 2, 3, 4]
+    spec = LocalTrainSpec(epochs=1, steps=0, batch_size=8, lr=0.1, momentum=0.9,
+                          weight_decay=5e-3)
+    models = [build_model("cnn", (1, 8, 8), 10, seed=10 + k).double() for k in range(4)]
+    start = [copy.deepcopy(m.state_dict()) for m in models]
+    sequential, batched, seq_stats, bat_stats = run_both(
+        "cnn", (1, 8, 8), sizes, spec, seeds, dtype=torch.float64)
+    assert_same_training(sequential, batched, seq_stats, bat_stats)
+    for n, value in batched[1].state_dict().items():
+        assert torch.equal(value, start[1][n]), n
+    assert [int(m.bn1.num_batches_tracked) for m in batched] == [3, 0, 1, 3]
+    assert bat_stats[1] == {"loss": 0.0, "steps": 0.0, "examples": 0.0, "seconds": 0.0}
+    assert bat_stats[2]["steps"] == 1.0 and bat_stats[2]["examples"] == 5.0
+
+
+def test_unequal_step_counts_in_float32_and_chunks():
+    # The mlp (padded batches) in float32, and chunks of 3 that cut the sorted clients.
+    spec = LocalTrainSpec(epochs=2, steps=0, batch_size=8, lr=0.05, momentum=0.9,
+                          weight_decay=5e-4, lr_schedule="cosine")
+    assert_same_training(*run_both("mlp", (1, 8, 8), DIRICHLET_SIZES, spec, DIRICHLET_SEEDS))
+    assert_same_training(*run_both("mlp", (1, 8, 8), DIRICHLET_SIZES, spec, DIRICHLET_SEEDS,
+                                   dtype=torch.float64, max_clients=3))
+    assert_same_training(*run_both("cnn", (1, 8, 8), DIRICHLET_SIZES, spec, DIRICHLET_SEEDS,
+                                   dtype=torch.float64, max_clients=3))
+
+
+def test_entries_walk_matches_named_parameters_and_sets_training_mode():
+    from fedwa.batched import _entries
+
+    model = build_model("cnn", (1, 8, 8), 10)
+    model.extra = torch.nn.Linear(2, 2)
+    model.tied = model.extra  # the same module twice: its tensors once, first name
+    model.eval()
+    params, buffers = _entries(model)
+    assert list(params) == [n for n, _ in model.named_parameters()]
+    assert list(buffers) == [n for n, _ in model.named_buffers()]
+    assert all(params[n] is t for n, t in model.named_parameters())
+    assert all(m.training for m in model.modules())  # as train_local leaves it
