@@ -25,7 +25,9 @@ drawn), once with this checkout's code and, with ``--baseline DIR``, once with t
 DIR (e.g. an export of main), taking turns. For every side it reports the process wall time,
 the rounds (the loop's rounds; ``fedwa.rounds.run_rounds`` in the command, timed by wrapping
 it before the ServerApp imports it), start-up = wall - rounds (interpreter, imports, data,
-writing results, the plot, exit) and the peak RSS (``wait4``'s ``ru_maxrss``); then each
+writing results, the plot, exit), the same three in CPU seconds (``wait4``'s user + system
+time; ``process_time`` for the rounds), which other processes on a shared machine disturb
+far less than wall time, and the peak RSS (``wait4``'s ``ru_maxrss``); then each
 side's ratios to the loop, whether the sides' final accuracies agree and whether baseline and
 candidate wrote the same ``metrics.jsonl`` apart from timings.
 
@@ -121,7 +123,7 @@ data = federated_data(config)
 model = make_model(config, data)
 global_state = {k: v.clone() for k, v in model.state_dict().items()}
 x_test, y_test = data.test_data()
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 for server_round in range(1, int(config["num-server-rounds"]) + 1):
     states, weights = [], []
     for pid in range(int(config["num-clients"])):
@@ -136,8 +138,8 @@ for server_round in range(1, int(config["num-server-rounds"]) + 1):
     model.load_state_dict(global_state)
     accuracy = evaluate_model(model, x_test, y_test, num_classes=data.num_classes,
                               train_class_counts=data.train_class_counts)["accuracy"]
-rounds = time.perf_counter() - started
-print("BENCH " + json.dumps({"rounds_s": rounds, "accuracy": accuracy}))
+print("BENCH " + json.dumps({"rounds_s": time.perf_counter() - started,
+                            "rounds_cpu_s": time.process_time() - cpu, "accuracy": accuracy}))
 """
 
 # `fedwa run` as a user types it, with run_rounds timed. The wrapper is put in place before
@@ -146,17 +148,18 @@ FEDWA_CHILD = """
 import json, sys, time
 import fedwa.rounds
 inner = fedwa.rounds.run_rounds
-took = []
+took, cpu = [], []
 def run_rounds(*args, **kwargs):
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         return inner(*args, **kwargs)
     finally:
         took.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
 fedwa.rounds.run_rounds = run_rounds
 from fedwa.cli import main
 code = main(sys.argv[1:])
-print("BENCH " + json.dumps({"rounds_s": sum(took), "code": code}))
+print("BENCH " + json.dumps({"rounds_s": sum(took), "rounds_cpu_s": sum(cpu), "code": code}))
 """
 
 #: Keys of a metrics.jsonl record that hold wall-clock times, left out of the comparison.
@@ -187,7 +190,9 @@ def _child(args: list[str], pythonpath: str, log: Path) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{args[:3]} failed ({proc.returncode}):\n{text[-3000:]}")
     report = json.loads(lines[-1][len("BENCH "):])
-    report.update(wall_s=wall, startup_s=wall - report["rounds_s"],
+    cpu = usage.ru_utime + usage.ru_stime
+    report.update(wall_s=wall, startup_s=wall - report["rounds_s"], cpu_s=cpu,
+                  startup_cpu_s=cpu - report["rounds_cpu_s"],
                   peak_rss_mib=usage.ru_maxrss / 1024)  # KiB on Linux
     return report
 
@@ -218,9 +223,11 @@ def whole_process(config: dict, baseline: str | None, repeats: int, out: Path) -
                 report["records"] = _untimed(rounds)
             runs[side].append(report)
             print(f"{side}: wall {report['wall_s']:.2f}s rounds {report['rounds_s']:.2f}s "
-                  f"start-up {report['startup_s']:.2f}s peak {report['peak_rss_mib']:.0f} MiB",
-                  flush=True)
-    fields = ("wall_s", "rounds_s", "startup_s", "peak_rss_mib")
+                  f"start-up {report['startup_s']:.2f}s | cpu {report['cpu_s']:.2f}s rounds "
+                  f"{report['rounds_cpu_s']:.2f}s start-up {report['startup_cpu_s']:.2f}s | "
+                  f"peak {report['peak_rss_mib']:.0f} MiB", flush=True)
+    fields = ("wall_s", "rounds_s", "startup_s", "cpu_s", "rounds_cpu_s", "startup_cpu_s",
+              "peak_rss_mib")
     # The median of the turns: less sensitive than the minimum to one lucky turn of a side.
     median = {side: {f: round(statistics.median(r[f] for r in reports), 3) for f in fields}
               for side, reports in runs.items()}
@@ -233,9 +240,10 @@ def whole_process(config: dict, baseline: str | None, repeats: int, out: Path) -
         "runs": {side: [{f: round(r[f], 3) for f in fields} for r in reports]
                  for side, reports in runs.items()},
         "ratio_to_loop": {side: {f: round(m[f] / median["loop"][f], 3)
-                                 for f in ("wall_s", "rounds_s")}
+                                 for f in ("wall_s", "rounds_s", "cpu_s", "rounds_cpu_s")}
                           for side, m in median.items() if side != "loop"},
-        "startup_minus_loop_s": {side: round(m["startup_s"] - median["loop"]["startup_s"], 3)
+        "startup_minus_loop_s": {side: {f: round(m[f] - median["loop"][f], 3)
+                                        for f in ("startup_s", "startup_cpu_s")}
                                  for side, m in median.items() if side != "loop"},
         "final_accuracy": {side: sorted({r["accuracy"] for r in reports})
                            for side, reports in runs.items()},
