@@ -174,3 +174,47 @@ def test_plot_curves_writes_png(tmp_path):
                       tmp_path / "curves.png")
     assert out == tmp_path / "curves.png"
     assert is_png(out)
+
+
+def _written_run(run_dir):
+    writer = ResultsWriter(run_dir, plot=False)
+    for record in ROUNDS:
+        writer.append_round(record)
+    writer.finish("completed")
+    return run_dir
+
+
+def test_plot_worker_draws_what_plot_run_draws(tmp_path):
+    from fedwa.results import PlotWorker
+
+    # The same folder name: it is the plot's title.
+    here = plot_run(_written_run(tmp_path / "a" / "run"), tmp_path / "here.png")
+    run_dir = _written_run(tmp_path / "b" / "run")
+    worker = PlotWorker()
+    # The worker drew it (not the fallback in this process): it exited 0 after drawing.
+    process = worker._process
+    assert worker.draw(run_dir) == run_dir / "accuracy.png"
+    assert process.returncode == 0
+    assert is_png(run_dir / "accuracy.png")
+    assert (run_dir / "accuracy.png").read_bytes() == here.read_bytes()
+    worker.close()  # nothing left to stop: a no-op
+
+
+def test_a_dead_plot_worker_leaves_the_drawing_to_this_process(tmp_path):
+    from fedwa.results import PlotWorker
+
+    run_dir = _written_run(tmp_path / "run")
+    worker = PlotWorker()
+    worker._process.kill()
+    worker._process.wait()
+    assert worker.draw(run_dir) == run_dir / "accuracy.png"
+    assert is_png(run_dir / "accuracy.png")
+
+
+def test_an_unused_plot_worker_is_stopped(tmp_path):
+    from fedwa.results import PlotWorker
+
+    worker = PlotWorker()
+    process = worker._process
+    worker.close()
+    assert process.returncode is not None
