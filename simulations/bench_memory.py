@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 CHILD = """
 import json, resource, sys, time
@@ -41,7 +42,8 @@ run_dir = Path(config["output-dir"]) / "run"
 run_dir.mkdir(parents=True)
 started = time.perf_counter()
 simulate(config, run_dir, show_progress=False)
-print(json.dumps({"rss_start_kib": before, "rss_with_data_kib": with_data,
+import fedwa
+print(json.dumps({"code": str(Path(fedwa.__file__).parents[1]), "rss_start_kib": before, "rss_with_data_kib": with_data,
                   "rss_peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "run_s": time.perf_counter() - started}))
 """
@@ -57,8 +59,10 @@ def measure(clients: int, rounds: int, model: str, local_steps: int = 2,
     if code:
         env["PYTHONPATH"] = code
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)],
-                            capture_output=True, text=True, check=False, env=env)
+    # -P: the working directory must not come ahead of PYTHONPATH (--code).
+    result = subprocess.run([sys.executable, "-P", "-c", CHILD, json.dumps(config)],
+                            capture_output=True, text=True, check=False, env=env,
+                            cwd=config["output-dir"])
     if result.returncode != 0:
         raise SystemExit(f"{clients} clients failed:\n{result.stderr[-2000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -78,6 +82,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for clients in (int(c) for c in args.clients.split(",")):
         f = measure(clients, args.rounds, args.model, args.local_steps, args.code)
+        if args.code and Path(f["code"]).resolve() != Path(args.code).resolve():
+            raise SystemExit(f"the child ran the fedwa in {f['code']}, not {args.code}")
         gib = 1024 ** 2  # ru_maxrss is in KiB on Linux
         print(f"| {clients} | {f['rss_peak_kib'] / gib:.2f} | {f['rss_start_kib'] / gib:.2f} | "
               f"{f['rss_with_data_kib'] / gib:.2f} | {f['run_s']:.1f} |", flush=True)

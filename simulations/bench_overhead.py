@@ -138,8 +138,10 @@ for server_round in range(1, int(config["num-server-rounds"]) + 1):
     model.load_state_dict(global_state)
     accuracy = evaluate_model(model, x_test, y_test, num_classes=data.num_classes,
                               train_class_counts=data.train_class_counts)["accuracy"]
+import fedwa, os
 print("BENCH " + json.dumps({"rounds_s": time.perf_counter() - started,
-                            "rounds_cpu_s": time.process_time() - cpu, "accuracy": accuracy}))
+                            "rounds_cpu_s": time.process_time() - cpu, "accuracy": accuracy,
+                            "code_path": os.path.dirname(os.path.dirname(fedwa.__file__))}))
 """
 
 # `fedwa run` as a user types it, with run_rounds timed. The wrapper is put in place before
@@ -159,7 +161,9 @@ def run_rounds(*args, **kwargs):
 fedwa.rounds.run_rounds = run_rounds
 from fedwa.cli import main
 code = main(sys.argv[1:])
-print("BENCH " + json.dumps({"rounds_s": sum(took), "rounds_cpu_s": sum(cpu), "code": code}))
+import fedwa, os
+print("BENCH " + json.dumps({"rounds_s": sum(took), "rounds_cpu_s": sum(cpu), "code": code,
+                            "code_path": os.path.dirname(os.path.dirname(fedwa.__file__))}))
 """
 
 #: Keys of a metrics.jsonl record that hold wall-clock times, left out of the comparison.
@@ -180,8 +184,10 @@ def _child(args: list[str], pythonpath: str, log: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": pythonpath, **FLOWER_ENV}
     with open(log, "w") as out:
         started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
+        # -P: no script folder or working directory ahead of PYTHONPATH, else a `python -c`
+        # child started inside a checkout imports that checkout's fedwa, not PYTHONPATH's.
+        proc = subprocess.Popen([sys.executable, "-P", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=log.parent)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -190,6 +196,8 @@ def _child(args: list[str], pythonpath: str, log: Path) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{args[:3]} failed ({proc.returncode}):\n{text[-3000:]}")
     report = json.loads(lines[-1][len("BENCH "):])
+    if report.get("code_path", pythonpath) != pythonpath:
+        raise SystemExit(f"the child ran the fedwa in {report['code_path']}, not {pythonpath}")
     cpu = usage.ru_utime + usage.ru_stime
     report.update(wall_s=wall, startup_s=wall - report["rounds_s"], cpu_s=cpu,
                   startup_cpu_s=cpu - report["rounds_cpu_s"],
