@@ -253,12 +253,14 @@ _FLAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def average_records(records: Sequence[ArrayRecord], weights: Sequence[float] | None = None
                     ) -> dict[str, torch.Tensor]:
-    """The weighted average of models as Flower ships them, one ``K x P`` buffer per dtype.
+    """The weighted average of models as Flower ships them, one model's row at a time.
 
     Equal bit for bit to ``weighted_average([to_state_dict(r) for r in records], weights)``,
     and decoding costs the same copy as :func:`to_state_dict`, but every model's float32
     (float64) entries land back to back in one row, so the average is ``K`` kernel calls
-    rather than ``K`` per entry (:func:`fedwa.averaging.flat_weighted_average`). Other
+    rather than ``K`` per entry (:func:`fedwa.averaging.flat_weighted_average`'s sum). The
+    rows are added up as they are decoded: beyond the replies, memory is two rows per dtype,
+    whatever ``K``. Other
     entries (float16, integer counters) go through :func:`~fedwa.averaging.weighted_average`.
     The float results are views into one new buffer per dtype.
 
@@ -267,7 +269,7 @@ def average_records(records: Sequence[ArrayRecord], weights: Sequence[float] | N
     ValueError
         If there are no records, or their names, shapes or dtypes differ from the first's.
     """
-    from fedwa.averaging import flat_weighted_average, weighted_average
+    from fedwa.averaging import normalise_weights, weighted_average
 
     if not records:
         raise ValueError("cannot average zero models")
@@ -285,18 +287,29 @@ def average_records(records: Sequence[ArrayRecord], weights: Sequence[float] | N
                 raise ValueError(f"entry {name!r} is {v.dtype} {v.shape} in model {k} but "
                                  f"{dtype} {shape} in model 0")
     result: dict[str, torch.Tensor] = {}
+    coefficients = normalise_weights(weights, len(records))
     for dtype in _FLAT_DTYPES:
         group = [i for i, (_, d) in enumerate(layout) if d == dtype]
         if not group:
             continue
         sizes = [math.prod(layout[i][0]) for i in group]
-        rows = np.empty((len(records), sum(sizes)), dtype=dtype)
-        for row, model in zip(rows, views):
+        # One model's row at a time, added to the running sum as it is decoded: the sum
+        # flat_weighted_average computes (c_0 * w_0, then + c_k * w_k in reply order, the same
+        # kernels on the same 1-d layout, so the same bits), without its K x P buffer, which
+        # at 10,000 clients was as large as all the replies together.
+        row = np.empty(sum(sizes), dtype=dtype)
+        row_tensor = torch.from_numpy(row)
+        average: torch.Tensor | None = None
+        for c, model in zip(coefficients, views):
             offset = 0
             for i, size in zip(group, sizes):
                 row[offset:offset + size] = model[i].reshape(-1)
                 offset += size
-        average = flat_weighted_average(torch.from_numpy(rows), weights)
+            if average is None:
+                average = torch.mul(row_tensor, c)
+            else:
+                average.add_(row_tensor, alpha=c)
+        assert average is not None  # records is not empty
         for i, piece in zip(group, average.split(sizes)):
             result[names[i]] = piece.view(layout[i][0])
     rest = [i for i in range(len(names)) if names[i] not in result]

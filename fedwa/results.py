@@ -251,6 +251,66 @@ def _pyplot():  # noqa: ANN202
     return plt
 
 
+# The plot worker's program: matplotlib imported at once, then one run folder read from stdin
+# and drawn. Exit 0 once accuracy.png is written, 1 on any error (the parent then draws
+# itself, so the user sees the error, if any, as without a worker).
+_PLOT_WORKER = """
+import json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+from fedwa.results import _pyplot, plot_run
+_pyplot()
+line = sys.stdin.readline().strip()
+if line:
+    plot_run(line)
+"""
+
+
+class PlotWorker:
+    """A second Python process that imports matplotlib while the run trains, then draws.
+
+    Importing matplotlib and drawing ``accuracy.png`` cost a run about a second after its
+    last round (longer than a small run's rounds). Started before the rounds, the worker's
+    imports run on another core meanwhile; :meth:`draw` then only waits for the drawing, and
+    ``accuracy.png`` is there when it returns, as when the run drew it itself. Should the
+    worker fail (or the machine refuse a process), :meth:`draw` draws in this process.
+    """
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        try:
+            self._process: Any = subprocess.Popen(
+                [sys.executable, "-c", _PLOT_WORKER, json.dumps(sys.path)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            self._process = None
+
+    def draw(self, run_dir: str | Path, timeout: float = 120.0) -> Path:
+        """Draw ``run_dir``'s ``accuracy.png`` (:func:`plot_run`) and stop the worker."""
+        process, self._process = self._process, None
+        if process is not None:
+            try:
+                process.communicate(f"{Path(run_dir).resolve()}\n".encode(), timeout=timeout)
+                if process.returncode == 0:
+                    return Path(run_dir) / "accuracy.png"
+            except (OSError, ValueError):  # the worker died before reading (a broken pipe)
+                process.kill()
+                process.wait()
+            except BaseException:  # a timeout, or Ctrl-C: no worker outlives the run
+                process.kill()
+                process.wait()
+                raise
+        return plot_run(run_dir)
+
+    def close(self) -> None:
+        """Stop a worker that was not needed (a run with no rounds to draw)."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw a run's accuracy curves (overall, balanced, and per shot group) to a PNG."""
     plt = _pyplot()

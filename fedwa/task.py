@@ -104,7 +104,6 @@ def check_model_fits(config: Mapping[str, Any], data: FederatedData,
     """
     import torch
 
-    from fedwa.alignment import permutation_spec
     from fedwa.plugins import is_import_path, one_line
 
     name = str(config["model"])
@@ -130,6 +129,10 @@ def check_model_fits(config: Mapping[str, Any], data: FederatedData,
                               f" to [2, {data.num_classes}] logits (one per class); it gave "
                               f"{got}")
     if strategy is not None and needs_permutation_spec(strategy):
+        # Here, not at the top: fedwa.alignment imports scipy and torch.fx (0.5-2 s), which
+        # only aligning strategies need.
+        from fedwa.alignment import permutation_spec
+
         try:
             permutation_spec(model, data.input_shape)
         except (TypeError, ValueError) as err:

@@ -111,3 +111,24 @@ def test_average_records_refuses_mismatched_models() -> None:
         average_records([a, to_record({"w": torch.zeros(3)})])
     with pytest.raises(ValueError, match="zero models"):
         average_records([])
+
+
+def test_average_records_streams_big_models_to_the_same_bits() -> None:
+    # Over _BLOCK_ELEMENTS (2**20) elements the state-dict average sums block by block; the
+    # records' average adds whole rows as it decodes them. Per element both are c_0 * w_0
+    # plus c_k * w_k in order, so the bits must agree, odd sizes and a zero weight included.
+    from fedwa.averaging import _BLOCK_ELEMENTS, weighted_average
+
+    gen = torch.Generator().manual_seed(1)
+    records = [to_record({"big": torch.randn(_BLOCK_ELEMENTS + 1001, generator=gen),
+                          "small": torch.randn(37, 3, generator=gen),
+                          "double": torch.randn(_BLOCK_ELEMENTS // 3, generator=gen).double()})
+               for _ in range(4)]
+    weights = [3.0, 0.0, 1.5, 7.0]
+    ours = average_records(records, weights)
+    reference = weighted_average([to_state_dict(r) for r in records], weights)
+    for name, value in reference.items():
+        assert torch.equal(ours[name], value), name
+    uniform = average_records(records)
+    for name, value in weighted_average([to_state_dict(r) for r in records]).items():
+        assert torch.equal(uniform[name], value), name

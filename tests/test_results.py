@@ -202,3 +202,47 @@ def test_seeds_are_averaged_round_by_round_not_line_by_line(tmp_path):
     assert ax.means == pytest.approx([0.2, 0.8])  # (0.1 + 0.3) / 2, (0.7 + 0.9) / 2
     std = math.sqrt(2 * 0.1 ** 2)  # sample std of two values 0.2 apart
     assert ax.high == pytest.approx([0.2 + std, 0.8 + std])
+
+
+def _written_run(run_dir):
+    writer = ResultsWriter(run_dir, plot=False)
+    for record in ROUNDS:
+        writer.append_round(record)
+    writer.finish("completed")
+    return run_dir
+
+
+def test_plot_worker_draws_what_plot_run_draws(tmp_path):
+    from fedwa.results import PlotWorker
+
+    # The same folder name: it is the plot's title.
+    here = plot_run(_written_run(tmp_path / "a" / "run"), tmp_path / "here.png")
+    run_dir = _written_run(tmp_path / "b" / "run")
+    worker = PlotWorker()
+    # The worker drew it (not the fallback in this process): it exited 0 after drawing.
+    process = worker._process
+    assert worker.draw(run_dir) == run_dir / "accuracy.png"
+    assert process.returncode == 0
+    assert is_png(run_dir / "accuracy.png")
+    assert (run_dir / "accuracy.png").read_bytes() == here.read_bytes()
+    worker.close()  # nothing left to stop: a no-op
+
+
+def test_a_dead_plot_worker_leaves_the_drawing_to_this_process(tmp_path):
+    from fedwa.results import PlotWorker
+
+    run_dir = _written_run(tmp_path / "run")
+    worker = PlotWorker()
+    worker._process.kill()
+    worker._process.wait()
+    assert worker.draw(run_dir) == run_dir / "accuracy.png"
+    assert is_png(run_dir / "accuracy.png")
+
+
+def test_an_unused_plot_worker_is_stopped(tmp_path):
+    from fedwa.results import PlotWorker
+
+    worker = PlotWorker()
+    process = worker._process
+    worker.close()
+    assert process.returncode is not None

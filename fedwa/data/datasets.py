@@ -161,11 +161,42 @@ def _pixels(images: np.ndarray, shape: tuple[int, int, int], scale: float) -> to
     return x.div_(scale)
 
 
-def _load_digits() -> Dataset:
-    from sklearn.datasets import load_digits
+def _digits_file() -> Path | None:
+    """scikit-learn's copy of the UCI digits (``digits.csv.gz``), found without importing it.
 
-    bunch = load_digits()
-    images, target = bunch.images, bunch.target.astype(np.int64)
+    ``import sklearn.datasets`` costs 1.5-2.5 s here (scipy, pandas...): more than a small
+    run's every round. ``find_spec`` of a top-level package only locates it.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 digits as ``(images [n, 8, 8] float64 in 0..16, target [n] int64)``.
+
+    The same arrays as ``sklearn.datasets.load_digits()``'s ``images`` and ``target``
+    (tests/test_datasets_digits.py checks it), read from the file it reads: 65
+    comma-separated numbers a row, the 64 pixels and the label.
+    """
+    path = _digits_file()
+    if path is None:  # an unusual install: let scikit-learn find its own data
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target.astype(np.int64)
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def _load_digits() -> Dataset:
+    images, target = digits_arrays()
     # The test split uses its own fixed generator so it is the same in every run,
     # whatever the run seed: results across seeds are then comparable.
     rng = np.random.default_rng(0)
