@@ -35,7 +35,7 @@ Measured per run: ``wall_s``, the whole process from ``exec`` to exit, start-up 
 ``rounds_s``, the seconds the side itself reports for its rounds (fedwa: the ``seconds`` of its
 per-round records; loop/pfl/flgo/flower: the driver's clock around the round loop);
 ``peak_rss_mb``, the largest summed resident memory of the process tree (sampled from /proc
-every 20 ms, so a spike shorter than that can be missed); the final central accuracy. Sides
+every 50 ms, so a spike shorter than that can be missed); the final central accuracy. Sides
 take turns ``--repeats`` times; the table shows each side's median, the ratio of its median wall
 time to the loop's and to pfl's.
 
@@ -72,7 +72,8 @@ LR = 0.05
 MOMENTUM = 0.9
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-RSS_PERIOD_S = 0.02
+RSS_PERIOD_S = 0.05
+RESCAN_S = 1.0
 
 
 def fedwa_sets(clients: int, steps: int, rounds: int) -> dict[str, Any]:
@@ -479,9 +480,8 @@ WORKERS = {"loop": worker_loop, "pfl": worker_pfl, "flgo": worker_flgo, "flower"
 # --- the parent: process tree, memory, turns -------------------------------------------------
 
 
-def _proc_table() -> dict[int, tuple[int, int, int]]:
-    """``pid -> (ppid, session id, rss bytes)`` of every process /proc shows."""
-    page = os.sysconf("SC_PAGE_SIZE")
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """``pid -> (ppid, session id)`` of every process /proc shows."""
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -489,24 +489,22 @@ def _proc_table() -> dict[int, tuple[int, int, int]]:
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 stat = f.read()
-            with open(f"/proc/{entry}/statm", "rb") as f:
-                rss = int(f.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue  # gone between listdir and open
         # The command name (field 2) may hold spaces: split after its closing parenthesis.
         fields = stat[stat.rindex(b")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), int(fields[3]), rss)
+        table[int(entry)] = (int(fields[1]), int(fields[3]))
     return table
 
 
-def tree_rss(root: int) -> int:
-    """Summed RSS of ``root``, its descendants, and anything left in its session (a daemon
-    such as Ray's raylet that moved to init keeps the session it was started in)."""
+def tree_members(root: int) -> set[int]:
+    """``root``, its descendants, and anything left in its session (a daemon such as Ray's
+    raylet that moved to init keeps the session it was started in)."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
+    for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    members = {pid for pid, (_, sid, _) in table.items() if sid == root}
+    members = {pid for pid, (_, sid) in table.items() if sid == root}
     stack, seen = [root], {root}
     while stack:
         pid = stack.pop()
@@ -515,7 +513,48 @@ def tree_rss(root: int) -> int:
             if child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return sum(table[pid][2] for pid in members if pid in table)
+    return members
+
+
+def rss_bytes(pids: set[int]) -> int:
+    """Summed resident memory of ``pids`` (those that have exited count 0)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def tree_rss(root: int) -> int:
+    """Summed RSS of :func:`tree_members`."""
+    return rss_bytes(tree_members(root))
+
+
+class TreeSampler:
+    """Peak RSS of a process tree, sampled cheaply.
+
+    Listing every process costs ~20 ms here (a full /proc scan), as much CPU as the sampled
+    sides need to train, so the member set is refreshed every ``RESCAN_S`` only; in between
+    only the known members' ``statm`` is read. A process that lives less than ``RESCAN_S``
+    can be missed: the sides' processes live for the whole run.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.members = {root}
+        self.scanned = float("-inf")
+        self.peak = 0
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        if now - self.scanned >= RESCAN_S:
+            self.members = tree_members(self.root)
+            self.scanned = now
+        self.peak = max(self.peak, rss_bytes(self.members))
 
 
 def run_timed(command: list[str], env: dict[str, str], cwd: Path,
@@ -526,9 +565,9 @@ def run_timed(command: list[str], env: dict[str, str], cwd: Path,
         started = time.perf_counter()
         proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        peak = 0
+        sampler = TreeSampler(proc.pid)
         while proc.poll() is None:
-            peak = max(peak, tree_rss(proc.pid))
+            sampler.sample()
             if time.perf_counter() - started > timeout_s:
                 os.killpg(proc.pid, 9)
                 proc.wait()
@@ -540,7 +579,7 @@ def run_timed(command: list[str], env: dict[str, str], cwd: Path,
         os.killpg(proc.pid, 9)
     except ProcessLookupError:
         pass
-    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "returncode": proc.returncode,
+    return {"wall_s": wall, "peak_rss_mb": sampler.peak / 2**20, "returncode": proc.returncode,
             "output_tail": log.read_text(errors="replace")[-2000:]}
 
 
