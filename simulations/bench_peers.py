@@ -34,6 +34,8 @@ the same split from the same config and seed. Every side trains with one torch t
 Measured per run: ``wall_s``, the whole process from ``exec`` to exit, start-up included;
 ``rounds_s``, the seconds the side itself reports for its rounds (fedwa: the ``seconds`` of its
 per-round records; loop/pfl/flgo/flower: the driver's clock around the round loop);
+``cpu_s``, the user + system CPU time of the worker and the descendants it waited for
+(steadier than wall time on a shared machine, blind to daemons such as Ray's);
 ``peak_rss_mb``, the largest summed resident memory of the process tree (sampled from /proc
 every 50 ms, so a spike shorter than that can be missed); the final central accuracy. Sides
 take turns ``--repeats`` times; the table shows each side's median, the ratio of its median wall
@@ -560,7 +562,12 @@ class TreeSampler:
 def run_timed(command: list[str], env: dict[str, str], cwd: Path,
               timeout_s: float) -> dict[str, Any]:
     """Run ``command`` as a new session; its wall time, peak tree RSS, exit status, output."""
+    import resource
+
     log = cwd / "output.log"
+    # The runs are one after another, so the growth of this process's children's CPU time is
+    # the run's: the worker and every descendant it waited for (user + system).
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("wb") as out:
         started = time.perf_counter()
         proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
@@ -574,12 +581,14 @@ def run_timed(command: list[str], env: dict[str, str], cwd: Path,
                 break
             time.sleep(RSS_PERIOD_S)
         wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     # Ray leaves its daemons running after the driver exits: end this run's session only.
     try:
         os.killpg(proc.pid, 9)
     except ProcessLookupError:
         pass
-    return {"wall_s": wall, "peak_rss_mb": sampler.peak / 2**20, "returncode": proc.returncode,
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": sampler.peak / 2**20, "returncode": proc.returncode,
             "output_tail": log.read_text(errors="replace")[-2000:]}
 
 
@@ -637,6 +646,7 @@ def summarise(runs: list[dict[str, Any]], sides: list[str], scale: str) -> list[
         rows.append({"side": side, "runs": len(ok),
                      "wall_s": median([r["wall_s"] for r in ok]),
                      "rounds_s": median([r["rounds_s"] for r in ok]),
+                     "cpu_s": median([r.get("cpu_s", float("nan")) for r in ok]),
                      "peak_rss_mb": median([r["peak_rss_mb"] for r in ok]),
                      "accuracy": median([r["accuracy"] for r in ok])})
     base = {row["side"]: row["wall_s"] for row in rows}
@@ -650,12 +660,13 @@ def table(rows: list[dict[str, Any]], scale: str, rounds: int) -> str:
     """A Markdown table of :func:`summarise`'s rows."""
     clients, steps = SCALES[scale]
     lines = [f"{clients} clients x {steps} step(s), {rounds} rounds",
-             "| side | runs | wall s | rounds s | peak RSS MB | final acc | wall / loop "
-             "| wall / pfl |", "|---|---|---|---|---|---|---|---|"]
+             "| side | runs | wall s | rounds s | CPU s | peak RSS MB | final acc | wall / loop "
+             "| wall / pfl |", "|---|---|---|---|---|---|---|---|---|"]
     def ratio(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
     for r in rows:
         lines.append(f"| {r['side']} | {r['runs']} | {r['wall_s']:.2f} | {r['rounds_s']:.2f} "
+                     f"| {r['cpu_s']:.2f} "
                      f"| {r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} | {ratio(r['x_loop'])} "
                      f"| {ratio(r['x_pfl'])} |")
     return "\n".join(lines)
@@ -700,7 +711,7 @@ def run_bench(sides: list[str], scales: list[str], rounds: int, repeats: int,
                 timed = run_timed(side_command(side, python, scale, rounds, npz, run_dir), env,
                                   run_dir, timeout_s)
                 run = {"side": side, "scale": scale, "repeat": repeat, "python": python,
-                       **{k: timed[k] for k in ("wall_s", "peak_rss_mb", "returncode")}}
+                       **{k: timed[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "returncode")}}
                 try:
                     result = side_result(side, run_dir)
                     run.update(ok=timed["returncode"] == 0, rounds_s=result["rounds_s"],

@@ -69,7 +69,7 @@ def test_tree_rss_counts_children(tmp_path: Path) -> None:
 
 
 def test_table_ratios_are_medians_over_the_loop_and_pfl() -> None:
-    runs = [{"side": s, "scale": "10x5", "ok": True, "wall_s": w, "rounds_s": 1.0,
+    runs = [{"side": s, "scale": "10x5", "ok": True, "wall_s": w, "rounds_s": 1.0, "cpu_s": 2.0,
              "peak_rss_mb": 100.0, "accuracy": 0.5}
             for s, w in [("loop", 2.0), ("loop", 4.0), ("loop", 100.0),
                          ("pfl", 8.0), ("fedwa", 6.0)]]
@@ -79,7 +79,7 @@ def test_table_ratios_are_medians_over_the_loop_and_pfl() -> None:
     assert rows["fedwa"]["runs"] == 1  # the failed run is left out
     assert rows["fedwa"]["x_loop"] == pytest.approx(1.5)
     assert rows["fedwa"]["x_pfl"] == pytest.approx(0.75)
-    assert "| fedwa | 1 | 6.00 |" in bench.table(list(rows.values()), "10x5", 20)
+    assert "| fedwa | 1 | 6.00 | 1.00 | 2.00 |" in bench.table(list(rows.values()), "10x5", 20)
 
 
 def test_loop_and_fedwa_agree_and_missing_peers_are_skipped(tmp_path: Path) -> None:
@@ -108,5 +108,7 @@ def test_loop_and_fedwa_agree_and_missing_peers_are_skipped(tmp_path: Path) -> N
     assert len(runs["loop"]["accuracies"]) == 2 and runs["loop"]["accuracy"] > 0.5
     for run in runs.values():
         assert run["wall_s"] > run["rounds_s"] > 0 and run["peak_rss_mb"] > 50
+        # Importing torch alone takes CPU seconds; the sleeping parent's time is not counted.
+        assert 0.5 < run["cpu_s"] < 10 * run["wall_s"]
     assert "| loop | 1 |" in proc.stdout and "wall / loop" in proc.stdout
     assert time.perf_counter() - started < 300
