@@ -49,41 +49,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from plain_fedavg import fedavg_loop
 
-from fedwa.averaging import weighted_average
 from fedwa.cli import FLOWER_ENV, simulate
 from fedwa.config import parse_set, resolve_config
-from fedwa.metrics import evaluate_model
 from fedwa.results import read_rounds
-from fedwa.task import federated_data, local_train_spec, make_model
-from fedwa.training import client_seed, configure_threads, train_local
+from fedwa.task import federated_data
 
 
 def plain_loop(config: dict, out: Path | None = None) -> tuple[float, float]:
-    """FedAvg as a plain loop; returns (seconds, final accuracy)."""
+    """FedAvg as a plain loop (:func:`plain_fedavg.fedavg_loop`); (seconds, final accuracy)."""
     started = time.perf_counter()
-    configure_threads(torch.device("cpu"))
-    data = federated_data(config)
-    model = make_model(config, data)
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    x_test, y_test = data.test_data()
-    accuracy = float("nan")
-    for server_round in range(1, int(config["num-server-rounds"]) + 1):
-        states, weights = [], []
-        for pid in range(int(config["num-clients"])):
-            client = make_model(config, data)
-            client.load_state_dict(global_state)
-            x, y = data.client_data(pid)
-            train_local(client, x, y, local_train_spec(config, {"server-round": server_round}),
-                        seed=client_seed(int(config["seed"]), server_round, pid))
-            states.append(client.state_dict())
-            weights.append(len(x))
-        global_state = weighted_average(states, weights)
-        model.load_state_dict(global_state)
-        accuracy = evaluate_model(model, x_test, y_test, num_classes=data.num_classes,
-                                  train_class_counts=data.train_class_counts)["accuracy"]
-    return time.perf_counter() - started, accuracy
+    result = fedavg_loop(config)
+    return time.perf_counter() - started, result["accuracies"][-1]
 
 
 def flower(config: dict, out: Path, backend: str, client_cpus: float = 1.0,
@@ -111,36 +89,14 @@ SIDES = {
 # The plain loop as a process of its own: torch and the few fedwa functions it calls, nothing
 # of Flower, the CLI, results or plots. Same training as plain_loop() above.
 LOOP_CHILD = """
-import json, sys, time
-import torch
-from fedwa.averaging import weighted_average
-from fedwa.metrics import evaluate_model
-from fedwa.task import federated_data, local_train_spec, make_model
-from fedwa.training import client_seed, configure_threads, train_local
-config = json.loads(sys.argv[1])
-configure_threads(torch.device("cpu"))
-data = federated_data(config)
-model = make_model(config, data)
-global_state = {k: v.clone() for k, v in model.state_dict().items()}
-x_test, y_test = data.test_data()
-started, cpu = time.perf_counter(), time.process_time()
-for server_round in range(1, int(config["num-server-rounds"]) + 1):
-    states, weights = [], []
-    for pid in range(int(config["num-clients"])):
-        client = make_model(config, data)
-        client.load_state_dict(global_state)
-        x, y = data.client_data(pid)
-        train_local(client, x, y, local_train_spec(config, {"server-round": server_round}),
-                    seed=client_seed(int(config["seed"]), server_round, pid))
-        states.append(client.state_dict())
-        weights.append(len(x))
-    global_state = weighted_average(states, weights)
-    model.load_state_dict(global_state)
-    accuracy = evaluate_model(model, x_test, y_test, num_classes=data.num_classes,
-                              train_class_counts=data.train_class_counts)["accuracy"]
-import fedwa, os
-print("BENCH " + json.dumps({"rounds_s": time.perf_counter() - started,
-                            "rounds_cpu_s": time.process_time() - cpu, "accuracy": accuracy,
+import json, os, sys
+sys.path.insert(0, sys.argv[2])  # simulations/, for plain_fedavg
+from plain_fedavg import fedavg_loop
+result = fedavg_loop(json.loads(sys.argv[1]))
+import fedwa
+print("BENCH " + json.dumps({"rounds_s": result["rounds_s"],
+                            "rounds_cpu_s": result["rounds_cpu_s"],
+                            "accuracy": result["accuracies"][-1],
                             "code_path": os.path.dirname(os.path.dirname(fedwa.__file__))}))
 """
 
@@ -220,7 +176,7 @@ def whole_process(config: dict, baseline: str | None, repeats: int, out: Path) -
         for side, path in sides.items():
             log = out / f"{side}-{repeat}.log"
             if side == "loop":
-                args = ["-c", LOOP_CHILD, json.dumps(config)]
+                args = ["-c", LOOP_CHILD, json.dumps(config), str(Path(__file__).resolve().parent)]
             else:
                 args = ["-c", FEDWA_CHILD, "run", *sets, "--set", f"output-dir={out}",
                         "--set", f"run-name={side}-{repeat}", "--quiet"]

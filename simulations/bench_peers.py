@@ -180,38 +180,16 @@ def test_accuracy(model, x, y) -> float:  # noqa: ANN001
 
 
 def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
-    """FedAvg as a plain loop of fedwa's functions (what bench_overhead.py's loop does)."""
-    import torch
+    """FedAvg as a plain loop of fedwa's functions, one module reused for every client
+    (:func:`plain_fedavg.fedavg_loop`, bench_overhead.py's loop too)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plain_fedavg import fedavg_loop
 
-    from fedwa.averaging import weighted_average
     from fedwa.config import resolve_config
-    from fedwa.metrics import evaluate_model
-    from fedwa.task import federated_data, local_train_spec, make_model
-    from fedwa.training import client_seed, configure_threads, train_local
 
-    configure_threads(torch.device("cpu"))
     config = resolve_config(fedwa_sets(args.clients, args.steps, args.rounds))
-    data = federated_data(config)
-    model = make_model(config, data)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    x_test, y_test = data.test_data()
-    client = make_model(config, data)
-    accuracies = []
-    started = time.perf_counter()
-    for server_round in range(1, args.rounds + 1):
-        spec = local_train_spec(config, {"server-round": server_round})
-        states, weights = [], []
-        for pid in range(args.clients):
-            client.load_state_dict(state)
-            x, y = data.client_data(pid)
-            train_local(client, x, y, spec, seed=client_seed(0, server_round, pid))
-            states.append({k: v.clone() for k, v in client.state_dict().items()})
-            weights.append(len(x))
-        state = weighted_average(states, weights)
-        model.load_state_dict(state)
-        accuracies.append(evaluate_model(model, x_test, y_test, num_classes=data.num_classes,
-                                         train_class_counts=data.train_class_counts)["accuracy"])
-    return {"rounds_s": time.perf_counter() - started, "accuracies": accuracies}
+    result = fedavg_loop(config, fresh_model_per_client=False)
+    return {"rounds_s": result["rounds_s"], "accuracies": result["accuracies"]}
 
 
 def worker_pfl(args: argparse.Namespace) -> dict[str, Any]:
