@@ -226,16 +226,19 @@ def test_inflated_federated_evaluation_counts_cannot_raise_the_accuracy(tmp_path
 # --- TWA-t gradients and decentralized merges ----------------------------------------------------
 
 
-def garbage_gradient(message: Message, context: Context) -> Message:
-    reply = real.gradient(message, context)
+def with_lying_first_payload(reply: Message) -> Message:
+    """``reply`` with its first array's payload of another shape than its fields declare."""
     arrays = dict(reply.content["arrays"].items())
     name = next(iter(arrays))
     a = arrays[name]
-    # A payload of another shape than its declared one.
     arrays[name] = new_array(a.dtype, tuple(a.shape), a.stype,
                              Array(np.zeros(3, dtype=a.dtype)).data)
     return with_content(reply, RecordDict({"arrays": ArrayRecord(arrays),
                                            "metrics": reply.content["metrics"]}))
+
+
+def garbage_gradient(message: Message, context: Context) -> Message:
+    return with_lying_first_payload(real.gradient(message, context))
 
 
 def test_a_lying_gradient_is_left_out_of_twa_t(tmp_path: Path) -> None:
@@ -257,14 +260,7 @@ def list_merged_accuracy(message: Message, context: Context) -> Message:
 
 def lying_merge(message: Message, context: Context) -> Message:
     """A merged model whose first payload holds another shape than its fields declare."""
-    reply = real.merge(message, context)
-    arrays = dict(reply.content["arrays"].items())
-    name = next(iter(arrays))
-    a = arrays[name]
-    arrays[name] = new_array(a.dtype, tuple(a.shape), a.stype,
-                             Array(np.zeros(3, dtype=a.dtype)).data)
-    return with_content(reply, RecordDict({"arrays": ArrayRecord(arrays),
-                                           "metrics": reply.content["metrics"]}))
+    return with_lying_first_payload(real.merge(message, context))
 
 
 @pytest.mark.parametrize(("corrupt", "reason"), [
