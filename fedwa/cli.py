@@ -19,12 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedwa.config import (all_known_keys, core_keys, folder_name, load_toml, parse_set,
-                          resolve_config)
-from fedwa.errors import ConfigError, FedwaError
-from fedwa.results import (PlotWorker, check_output_dir, default_run_name, mean_std,
-                           plot_curves, plot_run, read_rounds, unique_dir)
-from fedwa.runlock import RunLock, remove_if_empty
+from fedwa.run.config import (all_known_keys, core_keys, folder_name, load_toml, parse_set,
+                              resolve_config)
+from fedwa.common.errors import ConfigError, FedwaError
+from fedwa.callbacks.results import (PlotWorker, check_output_dir, default_run_name, mean_std,
+                                     plot_curves, plot_run, read_rounds, unique_dir)
+from fedwa.callbacks.runlock import RunLock, remove_if_empty
 
 # Quiet, offline-friendly Flower defaults; a user's own environment wins.
 FLOWER_ENV = {
@@ -57,7 +57,7 @@ def gather_overrides(config_file: str | None, sets: Sequence[str]) -> dict[str, 
 def for_strategy(overrides: Mapping[str, Any], strategy: str, seed: int | None = None
                  ) -> dict[str, Any]:
     """Overrides for one strategy of a comparison: other strategies' keys are dropped."""
-    from fedwa.config import _strategy_keys
+    from fedwa.run.config import _strategy_keys
 
     own = set(core_keys()) | set(_strategy_keys(strategy))
     foreign = set(all_known_keys()) - own
@@ -82,8 +82,8 @@ def set_log_levels(verbose: bool) -> None:
 def check_runnable(config: Mapping[str, Any]) -> None:
     """Everything that can be checked before an engine starts: the output folder, data files,
     the partition, the strategy and the model."""
-    from fedwa.errors import DataNotFoundError
-    from fedwa.task import check_model_fits, federated_data, make_model
+    from fedwa.common.errors import DataNotFoundError
+    from fedwa.data.task import check_model_fits, federated_data, make_model
 
     from strategies import build_strategy
 
@@ -160,9 +160,9 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
 
     ``plot=False`` leaves out the run's ``accuracy.png`` (for sweeps and benchmarks).
     ``backend = local`` drives the ServerApp and ClientApp in this process
-    (:mod:`fedwa.local_backend`); ``ray`` hands them to Flower's simulation engine.
+    (:mod:`fedwa.flower.local_backend`); ``ray`` hands them to Flower's simulation engine.
     ``lock`` is ``run_dir``'s lock when the caller holds it; otherwise it is taken here
-    (:class:`~fedwa.errors.RunFolderBusyError` when another process holds it).
+    (:class:`~fedwa.common.errors.RunFolderBusyError` when another process holds it).
 
     An error that ends the run before it writes ``summary.json`` (a check inside the
     ServerApp, a config that does not match the checkpoint) is raised as it was, so the user
@@ -186,8 +186,8 @@ def _simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool,
     for name, value in FLOWER_ENV.items():
         os.environ.setdefault(name, value)
     # Imported here so that `fedwa --help` and config errors stay fast.
-    from fedwa.client_app import app as client_app
-    from fedwa.server_app import build_server_app, total_rounds
+    from fedwa.apps.client_app import app as client_app
+    from fedwa.apps.server_app import build_server_app, total_rounds
     from strategies import build_strategy
 
     set_log_levels(verbose)
@@ -235,8 +235,8 @@ def _simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool,
 
 
 def _run_local(server_app: Any, client_app: Any, config: Mapping[str, Any]) -> None:
-    from fedwa.client_app import train_many
-    from fedwa.local_backend import run_in_process
+    from fedwa.apps.client_app import train_many
+    from fedwa.flower.local_backend import run_in_process
 
     # Everything alive now (torch, Flower, the data: about 210,000 objects) stays alive for
     # the whole run, yet every full collection of the cyclic GC walked it again: at 1000
@@ -280,8 +280,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     created: Path | None = None
     try:
         if args.resume:
-            from fedwa.checkpoint import load_checkpoint, resume_config
-            from fedwa.server_app import check_resumable
+            from fedwa.callbacks.checkpoint import load_checkpoint, resume_config
+            from fedwa.apps.server_app import check_resumable
 
             run_dir = Path(args.resume).resolve()
             if (run_dir / "config.json").is_file():
@@ -500,10 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from fedwa.config import toml_value
+    from fedwa.run.config import toml_value
 
     if args.markdown:
-        from fedwa.config import markdown_table
+        from fedwa.run.config import markdown_table
 
         print(markdown_table(), end="")
         return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedwa.cli import rounds_to_target
-from fedwa.results import read_rounds
+from fedwa.callbacks.results import read_rounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_utils import cell, evidence_main, final, finished  # noqa: E402

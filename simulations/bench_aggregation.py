@@ -2,10 +2,10 @@
 
 ``K`` state dicts of ``P`` float32 elements each (nine tensors per model, the largest 60% of
 ``P``, like a model whose first or last layer dominates, plus an integer counter) are averaged
-with ``fedwa.averaging.weighted_average`` (fused, one pass) and with
+with ``fedwa.core.averaging.weighted_average`` (fused, one pass) and with
 ``reference_weighted_average`` (the previous implementation: the whole accumulator, model after
 model), and with ``flat_weighted_average`` on the same models as the rows of one ``K x P``
-buffer (how ``fedwa.arrays.average_records`` holds clients' replies: FedAvg's path). The
+buffer (how ``fedwa.flower.arrays.average_records`` holds clients' replies: FedAvg's path). The
 baseline is ``torch.Tensor.copy_`` of the ``K * P`` float32 buffer that holds the models (their
 tensors are views into it), timed in the same run.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from fedwa.averaging import flat_weighted_average, reference_weighted_average, weighted_average
+from fedwa.core.averaging import flat_weighted_average, reference_weighted_average, weighted_average
 
 # Fractions of P per tensor (sum 1): one dominant layer, a few mid-sized, some small ones.
 _SHARES = (0.60, 0.20, 0.10, 0.05, 0.03, 0.015, 0.004, 0.0008, 0.0002)

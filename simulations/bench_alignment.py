@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fedwa.alignment import align_to, permutation_spec
+from fedwa.core.alignment import align_to, permutation_spec
 from fedwa.models import build_model
 
 

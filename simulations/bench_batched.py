@@ -1,4 +1,4 @@
-"""Client updates per second: batched training (fedwa.batched) against the sequential loop.
+"""Client updates per second: batched training (fedwa.core.batched) against the sequential loop.
 
 Every client starts from the same model (the global model of a round), holds its own synthetic
 data (``--samples`` examples of 1 x S x S, 10 classes) and makes ``--steps`` SGD steps of
@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedwa.batched import auto_max_clients, train_batched
+from fedwa.core.batched import auto_max_clients, train_batched
 from fedwa.data.partition import partition_indices
 from fedwa.models import build_model
-from fedwa.training import LocalTrainSpec, configure_threads, train_local
+from fedwa.core.training import LocalTrainSpec, configure_threads, train_local
 
 
 def synthetic_clients(count: int, samples: int, size: int, seed: int,

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from fedwa.cli import FLOWER_ENV, simulate
-from fedwa.config import parse_set, resolve_config
+from fedwa.run.config import parse_set, resolve_config
 from fedwa.deploy import PROJECT_DIR, Deployment, format_run_config
-from fedwa.results import read_rounds, unique_dir
+from fedwa.callbacks.results import read_rounds, unique_dir
 
 BASE = {"dataset": "digits", "model": "mlp", "num-clients": 2, "num-server-rounds": 4,
         "strategy": "fedavg", "seed": 0}

@@ -32,8 +32,8 @@ CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 from fedwa.cli import simulate
-from fedwa.config import resolve_config
-from fedwa.task import federated_data
+from fedwa.run.config import resolve_config
+from fedwa.data.task import federated_data
 config = resolve_config(json.loads(sys.argv[1]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 federated_data(config)

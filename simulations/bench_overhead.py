@@ -23,7 +23,7 @@ imports only torch and the fedwa functions it calls; ``fedwa`` is the real comma
 (``python -m fedwa.cli run --set ... --quiet``, local backend, batching off, accuracy.png
 drawn), once with this checkout's code and, with ``--baseline DIR``, once with the code in
 DIR (e.g. an export of main), taking turns. For every side it reports the process wall time,
-the rounds (the loop's rounds; ``fedwa.rounds.run_rounds`` in the command, timed by wrapping
+the rounds (the loop's rounds; ``fedwa.flower.rounds.run_rounds`` in the command, timed by wrapping
 it before the ServerApp imports it), start-up = wall - rounds (interpreter, imports, data,
 writing results, the plot, exit), the same three in CPU seconds (``wait4``'s user + system
 time; ``process_time`` for the rounds), which other processes on a shared machine disturb
@@ -52,9 +52,9 @@ from typing import Any
 from plain_fedavg import fedavg_loop
 
 from fedwa.cli import FLOWER_ENV, simulate
-from fedwa.config import parse_set, resolve_config
-from fedwa.results import read_rounds
-from fedwa.task import federated_data
+from fedwa.run.config import parse_set, resolve_config
+from fedwa.callbacks.results import read_rounds
+from fedwa.data.task import federated_data
 
 
 def plain_loop(config: dict, out: Path | None = None) -> tuple[float, float]:
@@ -101,11 +101,11 @@ print("BENCH " + json.dumps({"rounds_s": result["rounds_s"],
 """
 
 # `fedwa run` as a user types it, with run_rounds timed. The wrapper is put in place before
-# fedwa.server_app imports the function by name.
+# fedwa.apps.server_app imports the function by name.
 FEDWA_CHILD = """
 import json, sys, time
-import fedwa.rounds
-inner = fedwa.rounds.run_rounds
+import fedwa.flower.rounds
+inner = fedwa.flower.rounds.run_rounds
 took, cpu = [], []
 def run_rounds(*args, **kwargs):
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -114,7 +114,7 @@ def run_rounds(*args, **kwargs):
     finally:
         took.append(time.perf_counter() - started)
         cpu.append(time.process_time() - cpu_started)
-fedwa.rounds.run_rounds = run_rounds
+fedwa.flower.rounds.run_rounds = run_rounds
 from fedwa.cli import main
 code = main(sys.argv[1:])
 import fedwa, os

@@ -103,8 +103,8 @@ def write_npz(path: Path, clients: int, steps: int, rounds: int) -> dict[str, An
     """
     import numpy as np
 
-    from fedwa.config import resolve_config
-    from fedwa.task import federated_data, make_model
+    from fedwa.run.config import resolve_config
+    from fedwa.data.task import federated_data, make_model
 
     config = resolve_config(fedwa_sets(clients, steps, rounds))
     data = federated_data(config)
@@ -136,7 +136,7 @@ def load_npz(path: str) -> dict[str, Any]:
 
 
 def mlp_like_fedwa(num_inputs: int, hidden: int, num_classes: int):  # noqa: ANN201
-    """fedwa's ``mlp`` layers (fedwa/models.py: Flatten, 2 x Linear+ReLU, classifier), rebuilt
+    """fedwa's ``mlp`` layers (fedwa/models/__init__.py: Flatten, 2 x Linear+ReLU, classifier), rebuilt
     with torch only, so a peer's process imports nothing of fedwa; the names match its state
     dict, so the initial weights load as they are."""
     import torch
@@ -185,7 +185,7 @@ def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from plain_fedavg import fedavg_loop
 
-    from fedwa.config import resolve_config
+    from fedwa.run.config import resolve_config
 
     config = resolve_config(fedwa_sets(args.clients, args.steps, args.rounds))
     result = fedavg_loop(config, fresh_model_per_client=False)

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from fedwa.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fedwa.errors import CheckpointError
-from fedwa.results import read_rounds
+from fedwa.callbacks.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedwa.common.errors import CheckpointError
+from fedwa.callbacks.results import read_rounds
 
 DEFAULTS = ["dataset=digits", "model=mlp", "num-clients=3", "num-server-rounds=6",
             "local-steps=100", "checkpoint-min-seconds=0"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fedwa.results import read_rounds
+from fedwa.callbacks.results import read_rounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_utils import cell, evidence_main, final, finished  # noqa: E402

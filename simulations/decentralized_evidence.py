@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_utils import cell, evidence_main, finished  # noqa: E402
 
-from fedwa.results import draw_mean_bands, read_rounds  # noqa: E402
+from fedwa.callbacks.results import draw_mean_bands, read_rounds  # noqa: E402
 
 ROUNDS = 6
 STEPS = 20

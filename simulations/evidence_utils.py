@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fedwa.cli import FLOWER_ENV, simulate
-from fedwa.config import resolve_config
-from fedwa.results import mean_std, read_rounds
+from fedwa.run.config import resolve_config
+from fedwa.callbacks.results import mean_std, read_rounds
 
 
 def ensure_run(out: Path, name: str, seed: int, config: Mapping[str, Any]) -> Path:

@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evidence_utils import cell, evidence_main, final, finished  # noqa: E402
 
-from fedwa.results import mean_std  # noqa: E402
+from fedwa.callbacks.results import mean_std  # noqa: E402
 
 ROUNDS = 8
 STEPS = 30

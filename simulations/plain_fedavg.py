@@ -16,8 +16,8 @@ def fedavg_loop(config: Mapping[str, Any], *, fresh_model_per_client: bool = Tru
                 ) -> dict[str, Any]:
     """Run ``config``'s rounds as FedAvg over every client; the seconds and accuracies.
 
-    Each client trains a copy of the global state with :func:`fedwa.training.train_local`
-    (its seed from :func:`fedwa.training.client_seed`), the states are averaged by example
+    Each client trains a copy of the global state with :func:`fedwa.core.training.train_local`
+    (its seed from :func:`fedwa.core.training.client_seed`), the states are averaged by example
     count and the global model is evaluated on the test set after every round.
     ``fresh_model_per_client`` builds a module per client, as fedwa did before it reused one;
     otherwise one module is loaded again for every client.
@@ -29,10 +29,10 @@ def fedavg_loop(config: Mapping[str, Any], *, fresh_model_per_client: bool = Tru
     """
     import torch
 
-    from fedwa.averaging import weighted_average
-    from fedwa.metrics import evaluate_model
-    from fedwa.task import federated_data, local_train_spec, make_model
-    from fedwa.training import client_seed, configure_threads, train_local
+    from fedwa.core.averaging import weighted_average
+    from fedwa.core.metrics import evaluate_model
+    from fedwa.data.task import federated_data, local_train_spec, make_model
+    from fedwa.core.training import client_seed, configure_threads, train_local
 
     configure_threads(torch.device("cpu"))
     data = federated_data(config)

@@ -14,8 +14,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from fedwa.errors import ConfigError
-from fedwa.plugins import import_module
+from fedwa.common.errors import ConfigError
+from fedwa.common.plugins import import_module
 from strategies.base import FedwaStrategy
 from strategies.decentralized import DIMAT, DecentralizedStrategy, Gossip
 from strategies.fedavg import FedAvg
@@ -85,7 +85,7 @@ def resolve_strategy_class(name: str) -> type:
 def build_strategy(config: Mapping[str, Any]) -> Any:
     """Build the strategy named by ``config['strategy']`` from the resolved config.
 
-    Raises :class:`~fedwa.errors.ConfigError` when ``strategy-args`` does not fit the class.
+    Raises :class:`~fedwa.common.errors.ConfigError` when ``strategy-args`` does not fit the class.
     """
     from strategies.foreign import build_foreign
 

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedwa.arrays import to_state_dict
-from fedwa.averaging import ExponentialAverage, RunningAverage, WindowAverage
+from fedwa.flower.arrays import to_state_dict
+from fedwa.core.averaging import ExponentialAverage, RunningAverage, WindowAverage
 from strategies.fedavg import FedAvg
 
 

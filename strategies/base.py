@@ -11,7 +11,7 @@ so Flower's own algorithms keep their math while gaining fedwa's guarantees.
 Two ways to run a strategy
 --------------------------
 fedwa's own ServerApp (``fedwa run``, ``flwr run .``) drives the hooks through
-:func:`fedwa.rounds.run_rounds` and evaluates with :class:`fedwa.server_app.CentralEvaluator`;
+:func:`fedwa.flower.rounds.run_rounds` and evaluates with :class:`fedwa.apps.server_app.CentralEvaluator`;
 it never calls :meth:`FedwaStrategy.start`. A user's own ServerApp calls
 ``strategy.start(grid=..., initial_arrays=..., num_rounds=..., evaluate_fn=...)`` as with any
 Flower strategy: :meth:`FedwaStrategy.start` runs Flower's round loop, hands ``evaluate_fn`` the
@@ -36,10 +36,10 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, Me
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Result
 
-from fedwa.arrays import array_view, record_named
-from fedwa.keys import Key
-from fedwa.errors import FedwaError, TooFewRepliesError
-from fedwa.replies import evaluate_problem, model_problem, node_limit, screen
+from fedwa.flower.arrays import array_view, record_named
+from fedwa.common.keys import Key
+from fedwa.common.errors import FedwaError, TooFewRepliesError
+from fedwa.flower.replies import evaluate_problem, model_problem, node_limit, screen
 
 log = logging.getLogger("fedwa")
 
@@ -65,7 +65,7 @@ class ClientProtocolError(FedwaError):
 def ordered_node_ids(grid: Any) -> list[int]:
     """The grid's node ids in a fixed order, so a seeded draw picks the same nodes.
 
-    :class:`fedwa.grid.FedwaGrid` already lists them in partition order (the same in every
+    :class:`fedwa.flower.grid.FedwaGrid` already lists them in partition order (the same in every
     run although Flower draws random node ids); any other grid is sorted by id.
     """
     nodes = list(grid.get_node_ids())
@@ -80,7 +80,7 @@ def sample_node_ids(grid: Any, rng: random.Random, fraction: float, min_nodes: i
     Parameters
     ----------
     grid : Grid
-        Flower's grid (or :class:`fedwa.grid.FedwaGrid`).
+        Flower's grid (or :class:`fedwa.flower.grid.FedwaGrid`).
     rng : random.Random
         The draw; seeding it fixes the sample for a given list of nodes.
     fraction : float
@@ -118,7 +118,7 @@ def reply_problem(reply: Message, expected: ArrayRecord | None,
                   limit: float | None = None) -> str | None:
     """Why a training reply cannot be aggregated, or ``None`` when it can.
 
-    :func:`fedwa.replies.model_problem`: the one guard for every reply the server decodes.
+    :func:`fedwa.flower.replies.model_problem`: the one guard for every reply the server decodes.
     ``limit`` caps ``num-examples`` (the examples the node reported at the handshake).
     """
     return model_problem(reply, expected, limit=limit)
@@ -151,11 +151,11 @@ class FedwaStrategy:
 
     - a reply that is an error, has the wrong names, shapes or dtypes, a payload that is not
       what its fields declare, NaN/inf values or metrics, or claims more examples than its node
-      reported at the handshake (:mod:`fedwa.replies`) is logged with its node id, counted in
+      reported at the handshake (:mod:`fedwa.flower.replies`) is logged with its node id, counted in
       the round's metrics and left out; so is a client that did not answer within
       ``round-timeout``; the round goes on with the others;
     - when fewer than ``min-available-clients`` replies are usable,
-      :class:`~fedwa.errors.TooFewRepliesError` stops the round (Flower's FedAvg would quietly
+      :class:`~fedwa.common.errors.TooFewRepliesError` stops the round (Flower's FedAvg would quietly
       keep the old model); the round loop retries it ``round-retries`` times first;
     - client sampling is seeded by run seed and round, with a private generator (the global
       `random` state is left alone);
@@ -318,7 +318,7 @@ class FedwaStrategy:
                            ) -> MetricRecord | None:
         """Example-weighted client evaluation; kept for the round's record (``clients_*``).
 
-        Replies go through :func:`fedwa.replies.evaluate_problem` first: an error, a count
+        Replies go through :func:`fedwa.flower.replies.evaluate_problem` first: an error, a count
         above what the node holds (:meth:`evaluate_limit`) or a NaN metric is left out, so one
         client can neither end the run nor dictate the reported client accuracy.
         """
@@ -336,7 +336,7 @@ class FedwaStrategy:
 
     def example_limit(self, node: int) -> float | None:
         """Most examples a training reply of ``node`` may claim: what it reported at the
-        handshake (:meth:`fedwa.grid.FedwaGrid.example_limit`); None on a grid that does not
+        handshake (:meth:`fedwa.flower.grid.FedwaGrid.example_limit`); None on a grid that does not
         know (a Flower grid in a user's own app), where only finiteness is checked."""
         return node_limit(getattr(self.grid, "example_limit", None), node)
 
@@ -481,7 +481,7 @@ class FedwaStrategy:
         :meth:`models_to_evaluate`: SWA's, EMA's and HWA's averages, TWA's fitted point) instead
         of the training model, and ``Result.arrays`` is that model after the last round. The
         training model stays in :attr:`training_arrays`. fedwa's own ServerApp does not use
-        this method (:func:`fedwa.rounds.run_rounds`).
+        this method (:func:`fedwa.flower.rounds.run_rounds`).
 
         Parameters
         ----------

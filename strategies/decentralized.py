@@ -9,7 +9,7 @@ every node
 1. recomputes the BatchNorm statistics of its own model and of each neighbour's model on the
    alignment data (``dimat-examples`` of them),
 2. aligns each neighbour's hidden units to a basis by activation matching on that data
-   (:func:`fedwa.alignment.align_to`; residual-joined units share one permutation),
+   (:func:`fedwa.core.alignment.align_to`; residual-joined units share one permutation),
 3. merges its own and the aligned models with its row of the mixing matrix,
 4. recomputes the merged model's BatchNorm statistics (``merge-bn-recompute``),
 5. trains it for the round's local epochs or steps with a fresh optimiser (``optimizer``).
@@ -61,9 +61,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from fedwa.keys import Key, at_least
-from fedwa.errors import ConfigError
-from fedwa.topology import MIXING_RULES, TOPOLOGIES, is_complete, mixing_matrix, neighbours
+from fedwa.common.keys import Key, at_least
+from fedwa.common.errors import ConfigError
+from fedwa.core.topology import MIXING_RULES, TOPOLOGIES, is_complete, mixing_matrix, neighbours
 
 BASES = ("auto", "own", "single", "anchor")
 ALIGN_DATA = ("local", "proxy")
@@ -76,8 +76,8 @@ def _probability(value: float) -> str | None:
 class DecentralizedStrategy:
     """Relay-and-merge over a topology; :class:`DIMAT` aligns neighbours, :class:`Gossip` not.
 
-    Subclasses set :attr:`align`. The round itself runs in :mod:`fedwa.decentralized` (server
-    relay) and on the nodes (``train.merge`` in :mod:`fedwa.client_app`).
+    Subclasses set :attr:`align`. The round itself runs in :mod:`fedwa.apps.decentralized` (server
+    relay) and on the nodes (``train.merge`` in :mod:`fedwa.apps.client_app`).
     """
 
     decentralized: ClassVar[bool] = True
@@ -181,8 +181,8 @@ class DecentralizedStrategy:
         raise ClientProtocolError(
             f"{name} cannot run through Flower's Strategy.start: it has no global model, every "
             "node keeps its own. Its rounds are relayed by fedwa's ServerApp "
-            "(fedwa.server_app.build_server_app, or `flwr run .` / `fedwa run` with "
-            f"strategy='{name.lower()}') to fedwa's ClientApp (fedwa.client_app.app), whose "
+            "(fedwa.apps.server_app.build_server_app, or `flwr run .` / `fedwa run` with "
+            f"strategy='{name.lower()}') to fedwa's ClientApp (fedwa.apps.client_app.app), whose "
             "'train.merge' handler merges the neighbours' models sent as 'node-<partition-id>' "
             "ArrayRecords with the weights in config 'neighbours', 'neighbour-weights' and "
             f"'self-weight', then trains. See {PROTOCOL_DOC}.")

@@ -9,15 +9,15 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedwa.arrays import average_records
+from fedwa.flower.arrays import average_records
 from strategies.base import FedwaStrategy
 
 
 class FedAvg(FedwaStrategy, FlowerFedAvg):
     """Example-weighted average of the clients' models.
 
-    Float arrays are averaged with :func:`fedwa.arrays.average_records` (the numbers of
-    :func:`fedwa.averaging.weighted_average`, from flat buffers); integer buffers
+    Float arrays are averaged with :func:`fedwa.flower.arrays.average_records` (the numbers of
+    :func:`fedwa.core.averaging.weighted_average`, from flat buffers); integer buffers
     (BatchNorm's ``num_batches_tracked``) take the maximum instead of a float mean.
     Override :meth:`client_weights` to weight clients differently.
     """

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAdam as FlowerFedAdam
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
 from flwr.serverapp.strategy import FedProx as FlowerFedProx
 
-from fedwa.keys import Key, at_least, positive
+from fedwa.common.keys import Key, at_least, positive
 from strategies.base import FedwaStrategy
 from strategies.foreign import AttributeState, ForeignMark
 

@@ -41,9 +41,9 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedwa.averaging import WindowAverage
-from fedwa.keys import Key, at_least
-from fedwa.errors import ConfigError
+from fedwa.core.averaging import WindowAverage
+from fedwa.common.keys import Key, at_least
+from fedwa.common.errors import ConfigError
 from strategies.averaged import AveragedModelStrategy
 
 

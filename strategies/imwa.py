@@ -29,7 +29,7 @@ are. Either way the next episode starts from the plain average, buffers included
 training replaces the running statistics within a few dozen steps.
 
 The K replicas share an architecture and, with ``partition = "replicas"``, a step count, so
-``batch-clients = true`` trains them in one batched computation (:mod:`fedwa.batched`): on
+``batch-clients = true`` trains them in one batched computation (:mod:`fedwa.core.batched`): on
 digits, 10 replicas of the mlp ran in 0.61x the time of one-by-one training, to the same
 accuracy (README, "Benchmarks").
 """
@@ -41,10 +41,10 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedwa.arrays import to_state_dict
-from fedwa.averaging import ExponentialAverage
-from fedwa.keys import Key, at_least
-from fedwa.errors import ConfigError
+from fedwa.flower.arrays import to_state_dict
+from fedwa.core.averaging import ExponentialAverage
+from fedwa.common.keys import Key, at_least
+from fedwa.common.errors import ConfigError
 from strategies.fedavg import FedAvg
 
 

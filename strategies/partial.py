@@ -10,13 +10,13 @@ parameter is still averaged once every tau rounds, at 1/tau of the traffic per r
 sends no weights: every client starts from the run's shared, seeded initialisation. With
 tau = 1 this is FedAvg exactly.
 
-``partial-grouping`` picks the groups (:func:`fedwa.partial.partition_groups`): ``equal`` (the
+``partial-grouping`` picks the groups (:func:`fedwa.core.partial.partition_groups`): ``equal`` (the
 default) cuts weights by output rows so every group holds 1/tau of the bytes to within one
 row or one whole small tensor; ``balanced`` and ``round-robin`` keep layers whole. A group
 travels, both ways, as an ``ArrayRecord`` keyed by piece names: a whole entry under its own
 name, rows ``a:b`` of a split one as ``"<entry>[a:b]"``. The client writes the pieces it
-receives into its kept model (:func:`fedwa.partial.merge`) and replies with the pieces named
-in ``return-names`` (:func:`fedwa.partial.select`).
+receives into its kept model (:func:`fedwa.core.partial.merge`) and replies with the pieces named
+in ``return-names`` (:func:`fedwa.core.partial.select`).
 
 A client that missed rounds (``fraction-train < 1``) rejoins, by ``partial-rejoin``, from its
 own freshest copy of every group (``local``: nothing extra is sent) or from the server's latest
@@ -35,10 +35,10 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedwa.arrays import average_records, to_record, to_state_dict
-from fedwa.keys import Key, at_least
-from fedwa.errors import ConfigError
-from fedwa.partial import RULES, group_for_round, merge, partition_groups, select
+from fedwa.flower.arrays import average_records, to_record, to_state_dict
+from fedwa.common.keys import Key, at_least
+from fedwa.common.errors import ConfigError
+from fedwa.core.partial import RULES, group_for_round, merge, partition_groups, select
 from strategies.base import PROTOCOL_DOC
 from strategies.fedavg import FedAvg
 
@@ -156,9 +156,9 @@ class PartialAveraging(FedAvg):
                 "rounds (in context.state; config 'keep-local-model' is true): " + first +
                 ", later rounds only the group averaged in the round before, as 'arrays' "
                 "entries named '<entry>' or '<entry>[a:b]' (rows a to b of a split entry; "
-                "fedwa.partial.merge writes them into the kept model); the client trains the "
+                "fedwa.core.partial.merge writes them into the kept model); the client trains the "
                 "merged model, keeps it, and replies with exactly the pieces named in config "
-                "'return-names' (fedwa.partial.select) and 'num-examples'")
+                "'return-names' (fedwa.core.partial.select) and 'num-examples'")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -176,7 +176,7 @@ class PartialAveraging(FedAvg):
         partition: its size caps their counts (None where the server knows no node)."""
         if getattr(self.grid, "example_limit", None) is None or "dataset" not in self.run_config:
             return None
-        from fedwa.task import federated_data
+        from fedwa.data.task import federated_data
 
         return len(federated_data(self.run_config).test_data()[1])
 

@@ -1,6 +1,6 @@
 """Flower's Byzantine-robust aggregators by name, behind fedwa's reply guard.
 
-fedwa's guard (:mod:`fedwa.replies`) leaves out replies that are *malformed*: payloads that
+fedwa's guard (:mod:`fedwa.flower.replies`) leaves out replies that are *malformed*: payloads that
 are not what they declare, NaN/inf, impossible example counts. A reply that is well formed
 but *wrong* (a client sending finite weights scaled by 10^6, or a model trained on flipped
 labels) passes every such check; only the aggregation rule can limit its influence. These
@@ -26,7 +26,7 @@ mean is unweighted), so a client's example count cannot move the model either.
 Each rule needs enough replies for its guarantee: Krum ``n >= 2f + 3``, Bulyan ``n >= 4f + 3``
 (``f`` = ``*-malicious``). The config is refused when the sampled clients are too few, and a
 round whose usable replies fall below the rule's minimum raises
-:class:`~fedwa.errors.TooFewRepliesError` (retried ``round-retries`` times) rather than keeping
+:class:`~fedwa.common.errors.TooFewRepliesError` (retried ``round-retries`` times) rather than keeping
 the old model quietly, which is what Flower's Bulyan does.
 """
 
@@ -41,9 +41,9 @@ from flwr.serverapp.strategy import FedMedian as FlowerFedMedian
 from flwr.serverapp.strategy import FedTrimmedAvg as FlowerFedTrimmedAvg
 from flwr.serverapp.strategy import Krum as FlowerKrum
 
-from fedwa.arrays import new_array_record
-from fedwa.keys import Key
-from fedwa.errors import ConfigError, TooFewRepliesError
+from fedwa.flower.arrays import new_array_record
+from fedwa.common.keys import Key
+from fedwa.common.errors import ConfigError, TooFewRepliesError
 from strategies.base import FedwaStrategy
 from strategies.foreign import AttributeState, ForeignMark, sampled_clients
 

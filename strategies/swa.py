@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedwa.averaging import ExponentialAverage, RunningAverage
-from fedwa.keys import Key, at_least
-from fedwa.errors import ConfigError
+from fedwa.core.averaging import ExponentialAverage, RunningAverage
+from fedwa.common.keys import Key, at_least
+from fedwa.common.errors import ConfigError
 from strategies.averaged import AveragedModelStrategy
 
 

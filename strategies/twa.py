@@ -15,7 +15,7 @@ setting away, each alternative documented:
   schedule after a 20% linear warmup, no weight decay; ``sgd`` (``main``), momentum
   ``twa-momentum`` 0.9, learning rate 2, coupled L2 weight decay 1e-5 on the weights
   (``twa-weight-decay``), x0.1 at 50% and 75% of the fit. ``twa-lr = 0`` takes the
-  reference's rate for the optimiser, ``twa-schedule = auto`` its schedule (:mod:`fedwa.twa`).
+  reference's rate for the optimiser, ``twa-schedule = auto`` its schedule (:mod:`fedwa.core.twa`).
   The ``main`` branch's rate of 2 is not scale-free: it was set for CIFAR networks with
   ~100 candidates, and on fedwa's small models it diverged (digits, `cnn`: 12% against the
   SWA point's 82%; 0.05 to 0.5 trained well), so pass ``twa-lr`` with ``sgd``;
@@ -58,22 +58,22 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 
-from fedwa.arrays import average_records, to_state_dict
-from fedwa.keys import Key, at_least
-from fedwa.errors import ConfigError
-from fedwa.twa import (
-    BASES,
-    BN_MODES,
-    OPTIMIZERS,
-    REFERENCE_LR,
-    SCHEDULES,
-    Subspace,
-    SubspaceOptimizer,
-    flatten,
-    layer_blocks,
-    learnable_names,
-    resolve_schedule,
-)
+from fedwa.flower.arrays import average_records, to_state_dict
+from fedwa.common.keys import Key, at_least
+from fedwa.common.errors import ConfigError
+from fedwa.core.twa import (
+                            BASES,
+                            BN_MODES,
+                            OPTIMIZERS,
+                            REFERENCE_LR,
+                            SCHEDULES,
+                            Subspace,
+                            SubspaceOptimizer,
+                            flatten,
+                            layer_blocks,
+                            learnable_names,
+                            resolve_schedule,
+                            )
 from strategies.fedavg import FedAvg
 from strategies.swa import half_run
 
@@ -174,7 +174,7 @@ class _TWA(FedAvg):
         """A model of the run's architecture: ``model_fn()``, else from the fedwa config."""
         if self.model_fn is not None:
             return self.model_fn()
-        from fedwa.task import federated_data, make_model
+        from fedwa.data.task import federated_data, make_model
 
         return make_model(self.run_config, federated_data(self.run_config))
 
@@ -206,7 +206,7 @@ class _TWA(FedAvg):
 
     def arrays_at(self, weights: torch.Tensor) -> ArrayRecord:
         """Full arrays: learnable parameters from ``weights``, buffers from the last global."""
-        from fedwa.twa import unflatten
+        from fedwa.core.twa import unflatten
 
         assert self.template is not None
         state = dict(self.template)
@@ -299,13 +299,13 @@ class TWAv(_TWA):
         return arrays, metrics
 
     def fit(self) -> ArrayRecord:
-        from fedwa.bn import recompute_bn
-        from fedwa.twa import fit_on_data
+        from fedwa.core.bn import recompute_bn
+        from fedwa.core.twa import fit_on_data
 
         if self.server_data is not None:
             x_val, y_val = self.server_data
         else:
-            from fedwa.task import federated_data
+            from fedwa.data.task import federated_data
 
             x_val, y_val = federated_data(self.run_config).server_val()
         model = self.new_model()

@@ -19,9 +19,9 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fedwa.arrays import to_state_dict
-from fedwa.keys import Key, at_least
-from fedwa.wsa import fuse_scopes, scope_layers, scopes
+from fedwa.flower.arrays import to_state_dict
+from fedwa.common.keys import Key, at_least
+from fedwa.core.wsa import fuse_scopes, scope_layers, scopes
 from strategies.fedavg import FedAvg
 
 
@@ -49,13 +49,13 @@ class WSA(FedAvg):
         """The entries whose scopes WSA aligns.
 
         From the model when the strategy is built from a fedwa run config
-        (:func:`fedwa.wsa.scope_layers`); built directly, from the names and shapes of the
+        (:func:`fedwa.core.wsa.scope_layers`); built directly, from the names and shapes of the
         first model sent: ``weights`` takes every ``*.weight`` with two or more dimensions
         (conv and linear weights); ``all`` adds the one-dimensional ``*.weight`` and ``*.bias``
         entries (biases, BatchNorm's affine parameters). Pass ``wsa_names`` to choose.
         """
         if "dataset" in self.run_config:
-            from fedwa.task import federated_data, make_model
+            from fedwa.data.task import federated_data, make_model
 
             model = make_model(self.run_config, federated_data(self.run_config))
             return scope_layers(model, self.include)
@@ -102,7 +102,7 @@ class WSA(FedAvg):
         return ("WSA's clients add wsa-lambda * sum over layers of KL(N(mu, sigma^2) || "
                 "N(mu*, sigma*^2)) to their training loss, reading config 'wsa-lambda', "
                 "'wsa-names' (entries), 'wsa-mu' and 'wsa-sigma' (the targets, one per entry; "
-                "fedwa.wsa.scope_regulariser computes the term), and report the KL at the end "
+                "fedwa.core.wsa.scope_regulariser computes the term), and report the KL at the end "
                 "of training as metric 'wsa-kl'")
 
     def protocol_problem(self, server_round: int, reply: Message) -> str | None:

@@ -5,20 +5,20 @@ import pytest
 import torch
 from torch import nn
 
-from fedwa.alignment import (
-    SPEC_BUILDERS,
-    AxisRef,
-    PermGroup,
-    PermutationSpec,
-    SpecBuilder,
-    align_to,
-    merge_aligned,
-    permutation_spec,
-    permute_state,
-    random_permutations,
-    register_spec,
-    validate_spec,
-)
+from fedwa.core.alignment import (
+                                  SPEC_BUILDERS,
+                                  AxisRef,
+                                  PermGroup,
+                                  PermutationSpec,
+                                  SpecBuilder,
+                                  align_to,
+                                  merge_aligned,
+                                  permutation_spec,
+                                  permute_state,
+                                  random_permutations,
+                                  register_spec,
+                                  validate_spec,
+                                  )
 from fedwa.models import build_model
 
 SHAPE = (1, 8, 8)

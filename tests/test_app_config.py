@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedwa.config import all_known_keys, load_toml
+from fedwa.run.config import all_known_keys, load_toml
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -22,16 +22,16 @@ def test_flower_app_components_point_at_the_apps() -> None:
     import tomllib
 
     app = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fedwa.server_app:app",
-                                 "clientapp": "fedwa.client_app:app"}
-    from fedwa.client_app import app as client_app
-    from fedwa.server_app import app as server_app
+    assert app["components"] == {"serverapp": "fedwa.apps.server_app:app",
+                                 "clientapp": "fedwa.apps.client_app:app"}
+    from fedwa.apps.client_app import app as client_app
+    from fedwa.apps.server_app import app as server_app
 
     assert client_app is not None and server_app is not None
 
 
 def test_readme_key_table_is_the_generated_one() -> None:
-    from fedwa.config import markdown_table
+    from fedwa.run.config import markdown_table
 
     readme = (PYPROJECT.parent / "docs" / "configuration.md").read_text()
     assert markdown_table() in readme, "regenerate with `fedwa keys --markdown`"

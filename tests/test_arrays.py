@@ -1,4 +1,4 @@
-"""fedwa.arrays reads and writes Flower's serialised arrays exactly as Flower does."""
+"""fedwa.flower.arrays reads and writes Flower's serialised arrays exactly as Flower does."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedwa.arrays import (array_view, average_records, record_entries, to_array, to_record,
-                          to_state_dict)
+from fedwa.flower.arrays import (array_view, average_records, record_entries, to_array, to_record,
+                                 to_state_dict)
 
 TENSORS = {
     "matrix": torch.randn(3, 4),
@@ -81,7 +81,7 @@ def test_record_entries_equal_the_mapping_interface() -> None:
 
 
 def test_average_records_equals_the_state_dict_average_bit_for_bit() -> None:
-    from fedwa.averaging import weighted_average
+    from fedwa.core.averaging import weighted_average
 
     gen = torch.Generator().manual_seed(0)
     records = [to_record({
@@ -117,7 +117,7 @@ def test_average_records_streams_big_models_to_the_same_bits() -> None:
     # Over _BLOCK_ELEMENTS (2**20) elements the state-dict average sums block by block; the
     # records' average adds whole rows as it decodes them. Per element both are c_0 * w_0
     # plus c_k * w_k in order, so the bits must agree, odd sizes and a zero weight included.
-    from fedwa.averaging import _BLOCK_ELEMENTS, weighted_average
+    from fedwa.core.averaging import _BLOCK_ELEMENTS, weighted_average
 
     gen = torch.Generator().manual_seed(1)
     records = [to_record({"big": torch.randn(_BLOCK_ELEMENTS + 1001, generator=gen),

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fedwa.averaging import (flat_weighted_average, fused_weighted_average, is_finite_state,
-                             normalise_weights, reference_weighted_average, weighted_average)
+from fedwa.core.averaging import (flat_weighted_average, fused_weighted_average, is_finite_state,
+                                  normalise_weights, reference_weighted_average, weighted_average)
 
 
 def test_two_models_weighted():

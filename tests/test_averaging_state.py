@@ -1,4 +1,4 @@
-"""The stateful averages of fedwa.averaging: RunningAverage, ExponentialAverage, WindowAverage.
+"""The stateful averages of fedwa.core.averaging: RunningAverage, ExponentialAverage, WindowAverage.
 
 Every expectation is worked out by hand in the comments; float values are chosen so that the
 float32 arithmetic is exact unless a tolerance is given.
@@ -7,7 +7,7 @@ float32 arithmetic is exact unless a tolerance is given.
 import pytest
 import torch
 
-from fedwa.averaging import ExponentialAverage, RunningAverage, WindowAverage
+from fedwa.core.averaging import ExponentialAverage, RunningAverage, WindowAverage
 
 
 def state(w, n=0) -> dict[str, torch.Tensor]:

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from fedwa.batched import auto_max_clients, can_batch, train_batched
+from fedwa.core.batched import auto_max_clients, can_batch, train_batched
 from fedwa.models import build_model
-from fedwa.training import LocalTrainSpec, batch_order, train_local
+from fedwa.core.training import LocalTrainSpec, batch_order, train_local
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -220,7 +220,7 @@ def test_masked_step_moves_only_the_clients_in_a_piece():
     #   client 0: buffer = 0.9 * 0.6 + 0 + 0.1 * 0.7 = 0.61, weight = 0.7 - 0.5 * 0.61 = 0.395
     #   client 1 stays at 1.4 and 1.2; SGD over the whole stack would have moved it by its
     #   momentum and decay to 1.4 - 0.5 * (0.9 * 1.2 + 0.1 * 1.4) = 0.79.
-    from fedwa.batched import _masked_step
+    from fedwa.core.batched import _masked_step
 
     spec = LocalTrainSpec(lr=0.5, momentum=0.9, weight_decay=0.1)
     params = {"w": torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)}
@@ -242,7 +242,7 @@ def test_masked_step_gives_each_client_the_lr_of_its_own_step_count(fused):
     # Cosine from lr 1 over [0, 1), no momentum or decay: at step 1 a 4-step client is at
     # progress 1/4, lr = (1 + cos(pi / 4)) / 2 = 0.853553..., a 2-step one at progress 1/2,
     # lr = 0.5. Gradient 1 each: weights 10 - 0.853553 and 10 - 0.5.
-    from fedwa.batched import _masked_step
+    from fedwa.core.batched import _masked_step
 
     spec = LocalTrainSpec(lr=1.0, momentum=0.0, weight_decay=0.0, lr_schedule="cosine")
     params = {"w": torch.full((3, 1), 10.0, dtype=torch.float64)}
@@ -255,7 +255,7 @@ def test_masked_step_gives_each_client_the_lr_of_its_own_step_count(fused):
 def test_plan_cuts_each_step_into_ranges_of_the_clients_still_training():
     # batch 8, one epoch: 32 -> 8 8 8 8, 20 -> 8 8 4, 13 -> 8 5, 5 -> 5; sorted by step count,
     # then by the size of the last batch (already in that order here).
-    from fedwa.batched import _Range, _client_order, _plan_steps
+    from fedwa.core.batched import _Range, _client_order, _plan_steps
 
     spec = LocalTrainSpec(epochs=1, batch_size=8)
     orders = [batch_order(n, 8, spec, torch.Generator().manual_seed(0)) for n in (32, 20, 13, 5)]
@@ -276,7 +276,7 @@ def test_plan_cuts_each_step_into_ranges_of_the_clients_still_training():
 
 
 def test_pads_only_models_without_batch_statistics():
-    from fedwa.batched import _pads_exactly
+    from fedwa.core.batched import _pads_exactly
 
     class MyLinear(torch.nn.Linear):  # a subclass may do anything in forward
         pass
@@ -338,7 +338,7 @@ def test_unequal_step_counts_in_float32_and_chunks():
 
 
 def test_entries_walk_matches_named_parameters_and_sets_training_mode():
-    from fedwa.batched import _entries
+    from fedwa.core.batched import _entries
 
     model = build_model("cnn", (1, 8, 8), 10)
     model.extra = torch.nn.Linear(2, 2)

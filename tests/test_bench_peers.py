@@ -28,8 +28,8 @@ bench = _bench()
 
 
 def test_npz_holds_fedwas_split_and_initial_model(tmp_path: Path) -> None:
-    from fedwa.config import resolve_config
-    from fedwa.task import federated_data, make_model
+    from fedwa.run.config import resolve_config
+    from fedwa.data.task import federated_data, make_model
 
     summary = bench.write_npz(tmp_path / "d.npz", clients=10, steps=5, rounds=2)
     arrays = bench.load_npz(str(tmp_path / "d.npz"))

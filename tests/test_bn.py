@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from fedwa.bn import (
-    batchnorm_layers,
-    bn_moments,
-    combine_moments,
-    federated_recompute_bn,
-    has_batchnorm,
-    moments_to_stats,
-    recompute_bn,
-    set_bn_stats,
-)
+from fedwa.core.bn import (
+                           batchnorm_layers,
+                           bn_moments,
+                           combine_moments,
+                           federated_recompute_bn,
+                           has_batchnorm,
+                           moments_to_stats,
+                           recompute_bn,
+                           set_bn_stats,
+                           )
 from fedwa.models import build_model
 
 X1 = torch.tensor([[1.0, 2.0], [3.0, 6.0]])

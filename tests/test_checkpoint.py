@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedwa.checkpoint import (CHECKPOINT_NAME, load_checkpoint, resume_config, rng_state,
-                              save_checkpoint, set_rng_state)
+from fedwa.callbacks.checkpoint import (CHECKPOINT_NAME, load_checkpoint, resume_config, rng_state,
+                                        save_checkpoint, set_rng_state)
 from fedwa.cli import main as cli_main
 from fedwa.cli import simulate
-from fedwa.config import resolve_config
-from fedwa.errors import CheckpointError, ConfigError
-from fedwa.results import read_rounds
+from fedwa.run.config import resolve_config
+from fedwa.common.errors import CheckpointError, ConfigError
+from fedwa.callbacks.results import read_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 # Rounds of ~0.3 s: long enough to be killed in the middle of one.
@@ -114,7 +114,7 @@ def test_the_cli_refuses_a_folder_without_checkpoint_in_one_line(
 
 
 def test_a_checkpoint_of_another_config_is_refused(unfinished: Path, tmp_path: Path) -> None:
-    from fedwa.server_app import check_resumable
+    from fedwa.apps.server_app import check_resumable
 
     finished = unfinished
     checkpoint = load_checkpoint(finished)
@@ -163,11 +163,11 @@ def test_checkpoint_every_zero_writes_none(tmp_path: Path) -> None:
 def test_checkpoints_younger_than_min_seconds_are_skipped_but_never_the_last(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_seconds: float,
         saved: list[int]) -> None:
-    import fedwa.checkpoint
+    import fedwa.callbacks.checkpoint
 
     rounds: list[int] = []
-    real = fedwa.checkpoint.save_checkpoint
-    monkeypatch.setattr(fedwa.checkpoint, "save_checkpoint",
+    real = fedwa.callbacks.checkpoint.save_checkpoint
+    monkeypatch.setattr(fedwa.callbacks.checkpoint, "save_checkpoint",
                         lambda run_dir, payload: (rounds.append(payload["round"]),
                                                   real(run_dir, payload))[1])
     run_dir = tmp_path / "run"
@@ -259,12 +259,12 @@ def test_flwr_runs_entry_point_resumes_a_failed_run_from_its_run_config(tmp_path
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
-    import fedwa.client_app as client
-    from fedwa.config import load_toml
-    from fedwa.errors import TooFewRepliesError
-    from fedwa.local_backend import run_in_process
-    from fedwa.server_app import app as server_app
-    from fedwa.server_app import build_server_app
+    import fedwa.apps.client_app as client
+    from fedwa.run.config import load_toml
+    from fedwa.common.errors import TooFewRepliesError
+    from fedwa.flower.local_backend import run_in_process
+    from fedwa.apps.server_app import app as server_app
+    from fedwa.apps.server_app import build_server_app
 
     settings = {**SMALL, "num-server-rounds": 4, "local-steps": 5}
     config = resolve_config({**settings, "output-dir": str(tmp_path)})
@@ -304,7 +304,7 @@ def stop_after(monkeypatch: pytest.MonkeyPatch, checkpointed: int, stop_round: i
     """Make the next run checkpoint only rounds up to ``checkpointed`` (as
     ``checkpoint-min-seconds`` does on short rounds) and die once round ``stop_round`` is
     recorded, before its checkpoint: deterministic where a SIGKILL is not."""
-    import fedwa.server_app as server
+    import fedwa.apps.server_app as server
 
     class Stopping(server.Checkpointer):
         def __call__(self, server_round: int, arrays: object) -> None:
@@ -319,9 +319,9 @@ def stop_after(monkeypatch: pytest.MonkeyPatch, checkpointed: int, stop_round: i
 def run_stopped(settings: dict, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
                 checkpointed: int, stop_round: int) -> None:
     """Run ``settings`` in this process into ``run_dir`` until :func:`stop_after` stops it."""
-    import fedwa.client_app as client
-    from fedwa.local_backend import run_in_process
-    from fedwa.server_app import build_server_app
+    import fedwa.apps.client_app as client
+    from fedwa.flower.local_backend import run_in_process
+    from fedwa.apps.server_app import build_server_app
 
     config = resolve_config({**settings, "output-dir": str(run_dir.parent)})
     stop_after(monkeypatch, checkpointed, stop_round)
@@ -421,8 +421,8 @@ def test_a_checkpoint_is_plain_data_for_a_weights_only_load(finished: Path) -> N
 
 def test_state_that_is_not_data_turns_checkpoints_off_at_the_start(tmp_path: Path) -> None:
     """A strategy state a safe load could not read back is found before the first round."""
-    from fedwa.checkpoint import Checkpointer
-    from fedwa.results import ResultsWriter
+    from fedwa.callbacks.checkpoint import Checkpointer
+    from fedwa.callbacks.results import ResultsWriter
 
     class Odd:
         def state_dict(self) -> dict:
@@ -472,7 +472,7 @@ def test_a_second_process_cannot_resume_a_folder_in_use(
     run_dir = tmp_path / "run"
     run_stopped(settings, run_dir, monkeypatch, checkpointed=1, stop_round=2)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fedwa.runlock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from fedwa.callbacks.runlock import RunLock; "
          "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
          str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, env=os.environ.copy())
     try:
@@ -495,9 +495,9 @@ def test_a_second_process_cannot_resume_a_folder_in_use(
 def test_a_new_run_holds_its_folder_lock_until_it_ends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """New runs lock their folder too: a resume cannot start on a run that is still going."""
-    import fedwa.server_app as server
-    from fedwa.errors import RunFolderBusyError
-    from fedwa.runlock import RunLock
+    import fedwa.apps.server_app as server
+    from fedwa.common.errors import RunFolderBusyError
+    from fedwa.callbacks.runlock import RunLock
 
     seen: list[object] = []
 
@@ -587,7 +587,7 @@ def test_strategy_state_of_every_shape_round_trips_through_a_weights_only_load()
 
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-    from fedwa.safe_state import from_plain, to_plain
+    from fedwa.callbacks.safe_state import from_plain, to_plain
     from strategies.foreign import _plain
 
     state = {

@@ -235,7 +235,7 @@ def read_only_folder(path: Path, monkeypatch) -> None:  # noqa: ANN001
     import errno
     import os
 
-    import fedwa.results
+    import fedwa.callbacks.results
 
     path.mkdir()
     path.chmod(0o555)
@@ -248,7 +248,7 @@ def read_only_folder(path: Path, monkeypatch) -> None:  # noqa: ANN001
     def refuse(folder: Path) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
 
-    monkeypatch.setattr(fedwa.results, "_write_probe", refuse)
+    monkeypatch.setattr(fedwa.callbacks.results, "_write_probe", refuse)
 
 
 @pytest.mark.parametrize("below", ["", "runs"], ids=["the-folder", "a-folder-below"])
@@ -269,12 +269,12 @@ def test_issue_17_output_dir_on_a_full_disk(tmp_path: Path, monkeypatch, capsys)
     import errno
     import os
 
-    import fedwa.results
+    import fedwa.callbacks.results
 
     def full(folder: Path) -> None:  # the write of a full disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(fedwa.results, "_write_probe", full)
+    monkeypatch.setattr(fedwa.callbacks.results, "_write_probe", full)
     code = main(["run", "--quiet", "--set", "model=mlp",
                  "--set", f"output-dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
@@ -283,7 +283,7 @@ def test_issue_17_output_dir_on_a_full_disk(tmp_path: Path, monkeypatch, capsys)
 
 
 def test_the_output_dir_probe_leaves_nothing_behind(tmp_path: Path) -> None:
-    from fedwa.results import check_output_dir
+    from fedwa.callbacks.results import check_output_dir
 
     check_output_dir(tmp_path / "not" / "yet")
     assert list(tmp_path.iterdir()) == []  # neither the probe nor the folder
@@ -340,7 +340,7 @@ def test_issue_17_deploy_output_dir_checked_before_anything_starts(tmp_path: Pat
 
 
 def test_default_run_name_of_a_long_import_path_fits_a_file_name() -> None:
-    from fedwa.results import default_run_name
+    from fedwa.callbacks.results import default_run_name
 
     name = default_run_name({"strategy": "pkg." * 100 + "mod:MyStrategy",
                              "dataset": "data." * 100 + "mod:load", "seed": 2**32 - 1})
@@ -349,12 +349,12 @@ def test_default_run_name_of_a_long_import_path_fits_a_file_name() -> None:
 
 def test_a_resumed_run_checks_its_own_folder_not_output_dir(tmp_path: Path,
                                                             monkeypatch) -> None:  # noqa: ANN001
-    import fedwa.results
+    import fedwa.callbacks.results
     from fedwa.cli import check_runnable
-    from fedwa.config import resolve_config
+    from fedwa.run.config import resolve_config
 
     probed: list[Path] = []
-    monkeypatch.setattr(fedwa.results, "_write_probe", probed.append)
+    monkeypatch.setattr(fedwa.callbacks.results, "_write_probe", probed.append)
     run = tmp_path / "run"
     run.mkdir()
     (tmp_path / "FILE").write_text("")

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedwa.config import CORE_KEYS, load_toml, parse_set, resolve_config
-from fedwa.errors import ConfigError
+from fedwa.run.config import CORE_KEYS, load_toml, parse_set, resolve_config
+from fedwa.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,15 +119,15 @@ def test_strategy_path_missing_module():
 
 
 def test_strategy_path_missing_class():
-    err = resolve_error({"strategy": "fedwa.config:NoSuchStrategy"})
-    check_error(err, "strategy", "'fedwa.config:NoSuchStrategy'",
-                "fedwa.config has no class NoSuchStrategy")
+    err = resolve_error({"strategy": "fedwa.run.config:NoSuchStrategy"})
+    check_error(err, "strategy", "'fedwa.run.config:NoSuchStrategy'",
+                "fedwa.run.config has no class NoSuchStrategy")
 
 
 def test_strategy_path_not_a_flower_strategy():
-    # fedwa.config.Key is a class, but not a flwr Strategy.
-    err = resolve_error({"strategy": "fedwa.config:Key"})
-    check_error(err, "strategy", "'fedwa.config:Key'",
+    # fedwa.run.config.Key is a class, but not a flwr Strategy.
+    err = resolve_error({"strategy": "fedwa.run.config:Key"})
+    check_error(err, "strategy", "'fedwa.run.config:Key'",
                 "a subclass of flwr.serverapp.strategy.Strategy")
 
 
@@ -434,13 +434,13 @@ def test_seed_outside_what_the_generators_take(seed):
 def test_largest_seed_is_usable():
     import numpy as np
 
-    from fedwa.config import SEED_MAX
+    from fedwa.run.config import SEED_MAX
     from fedwa.models import build_model
 
     seed = resolve_config({"seed": SEED_MAX})["seed"]
     build_model("mlp", (1, 8, 8), 10, seed=seed)  # torch.default_generator.manual_seed
     np.random.RandomState(seed)  # numpy's legacy generator takes no more than 2**32 - 1
-    # Node and client seeds derived from it (strategies.decentralized, fedwa.node_data)
+    # Node and client seeds derived from it (strategies.decentralized, fedwa.data.node)
     # stay within what torch.Generator takes, for a million nodes.
     torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (10**6 + 1))
 
@@ -517,7 +517,7 @@ def test_replicas_num_clients_bounded_by_data_and_memory():
 
 
 def test_server_val_fraction_that_leaves_too_little_is_blamed():
-    from fedwa.task import federated_data
+    from fedwa.data.task import federated_data
 
     config = resolve_config({"server-val-fraction": 0.999})
     with pytest.raises(ConfigError) as info:
@@ -532,7 +532,7 @@ def test_server_val_fraction_that_leaves_too_little_is_blamed():
 
 
 def test_partial_groups_beyond_the_model():
-    from fedwa.task import federated_data, make_model
+    from fedwa.data.task import federated_data, make_model
 
     from strategies import build_strategy
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedwa.alignment import permutation_spec, permute_state, random_permutations
-from fedwa.config import resolve_config
-from fedwa.decentralized import (consensus_distance, mean_report, merge_and_train,
-                                 probe_examples, stratified_subset)
-from fedwa.errors import ConfigError
+from fedwa.core.alignment import permutation_spec, permute_state, random_permutations
+from fedwa.run.config import resolve_config
+from fedwa.apps.decentralized import (consensus_distance, mean_report, merge_and_train,
+                                      probe_examples, stratified_subset)
+from fedwa.common.errors import ConfigError
 from fedwa.models import build_model
-from fedwa.training import LocalTrainSpec
+from fedwa.core.training import LocalTrainSpec
 from strategies import build_strategy
 
 SHAPE = (1, 8, 8)
@@ -68,7 +68,7 @@ def test_dimat_merging_a_permuted_copy_returns_the_node_itself() -> None:
     copy = permute_state(own.state_dict(), perm_spec, perms)
     assert any(not torch.equal(copy[k], v) for k, v in own.state_dict().items())
     # What DIMAT's node does to itself first: BN statistics on its own probe data.
-    from fedwa.bn import recompute_bn
+    from fedwa.core.bn import recompute_bn
 
     reference = trained_cnn(0)
     recompute_bn(reference, probe_examples(x, 48, 1))
@@ -170,11 +170,11 @@ def test_unknown_topology_is_a_config_error() -> None:
 
 # --- issue 15: DIMAT as its authors ran it -----------------------------------------------------
 
-from fedwa import decentralized as dec  # noqa: E402
-from fedwa.decentralized import alignment_examples  # noqa: E402
-from fedwa.task import federated_data, local_train_spec  # noqa: E402
-from fedwa.topology import is_complete, neighbours  # noqa: E402
-from fedwa.training import client_seed, train_local  # noqa: E402
+from fedwa.apps import decentralized as dec  # noqa: E402
+from fedwa.apps.decentralized import alignment_examples  # noqa: E402
+from fedwa.data.task import federated_data, local_train_spec  # noqa: E402
+from fedwa.core.topology import is_complete, neighbours  # noqa: E402
+from fedwa.core.training import client_seed, train_local  # noqa: E402
 
 
 def test_complete_graphs_are_found_by_their_edges_not_their_name() -> None:
@@ -230,7 +230,7 @@ def test_anchor_basis_sends_the_rotating_anchor_with_weight_zero() -> None:
 def test_anchor_merge_lands_in_the_anchors_basis() -> None:
     # Own model and neighbour are two permuted copies of the anchor B; aligned to B, their
     # 1/2-1/2 merge is B itself (its BN statistics recomputed on the probe), in B's order.
-    from fedwa.bn import recompute_bn
+    from fedwa.core.bn import recompute_bn
 
     anchor = trained_cnn(0)
     x, y = data()

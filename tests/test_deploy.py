@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fedwa.deploy import (Credentials, Deployment, DeployError, format_run_config, main,
                           make_credentials, online_supernodes, parse_run_config_keys,
                           processes_with_env)
-from fedwa.results import read_rounds
+from fedwa.callbacks.results import read_rounds
 
 PROJECT = Path(__file__).resolve().parents[1]
 MISSING = [exe for exe in ("flower-superlink", "flower-supernode", "flwr")
@@ -327,7 +327,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path: Path) -> Non
 def test_a_deployment_stopped_mid_run_resumes_to_the_simulations_metrics(
         tmp_path: Path) -> None:
     from fedwa.cli import simulate
-    from fedwa.config import resolve_config
+    from fedwa.run.config import resolve_config
 
     out = tmp_path / "runs"
     out.mkdir()

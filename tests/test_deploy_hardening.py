@@ -27,7 +27,7 @@ import pytest
 from fedwa.deploy import (Deployment, DeployError, child_env, free_port,
                           make_credentials, online_supernodes, processes_with_env,
                           register_supernode, start_superlink, wait_for_port)
-from fedwa.linkguard import OperatorOnly, is_local_peer
+from fedwa.deploy.linkguard import OperatorOnly, is_local_peer
 
 PROJECT = Path(__file__).resolve().parents[1]
 MISSING = [exe for exe in ("flower-superlink", "flower-supernode", "flwr")
@@ -83,7 +83,7 @@ def test_the_control_and_runtime_apis_answer_this_machine_only(
     assert _call(guard, path, (host, 50000)) == status
     assert len(lines) == (status == 403)
     if lines:
-        assert lines[0].startswith(f"fedwa.linkguard: refused: {path} answers this machine "
+        assert lines[0].startswith(f"fedwa.deploy.linkguard: refused: {path} answers this machine "
                                    f"only (the operator's): {host} is not")
 
 
@@ -131,7 +131,7 @@ def test_a_rogue_registration_on_loopback_is_refused(tmp_path: Path) -> None:
         assert "Failed to activate SuperNode" in node.log_text()
         assert online_supernodes(d.env) == 1  # only the registered one
         log = d.superlink.log_text()
-    assert "fedwa.linkguard: refused: /v1/control/register-node: this deployment's " \
+    assert "fedwa.deploy.linkguard: refused: /v1/control/register-node: this deployment's " \
            "SuperNodes are registered and registration is closed" in log
 
 

@@ -65,7 +65,7 @@ def test_the_quick_start_commands_pass_every_check_before_a_run(tmp_path: Path) 
     import shlex
 
     from fedwa.cli import build_parser, check_runnable, for_strategy, gather_overrides
-    from fedwa.config import resolve_config
+    from fedwa.run.config import resolve_config
 
     readme = (REPO / "README.md").read_text()
     start = readme.index("## Quick start")

@@ -15,10 +15,10 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedwa.cli import simulate
-from fedwa.config import resolve_config
+from fedwa.run.config import resolve_config
 from fedwa.data import DEBIAN_FASHION_MNIST_DIR
-from fedwa.errors import FedwaError
-from fedwa.results import read_rounds
+from fedwa.common.errors import FedwaError
+from fedwa.callbacks.results import read_rounds
 from strategies import FedAvg
 
 pytestmark = pytest.mark.e2e
@@ -213,11 +213,11 @@ def test_batch_clients_trains_the_round_together_and_matches_one_by_one(
         fedavg_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import fedwa.client_app
+    import fedwa.apps.client_app
 
     groups: list[int] = []
-    real = fedwa.client_app.train_batched
-    monkeypatch.setattr(fedwa.client_app, "train_batched",
+    real = fedwa.apps.client_app.train_batched
+    monkeypatch.setattr(fedwa.apps.client_app, "train_batched",
                         lambda models, *a, **k: (groups.append(len(models)),
                                                  real(models, *a, **k))[1])
     batched = run(tmp_path, "batched", **{"batch-clients": True})
@@ -243,7 +243,7 @@ def test_batch_clients_leaves_unbatchable_training_to_the_client_app(tmp_path: P
 
 
 def test_batch_clients_needs_the_local_backend() -> None:
-    from fedwa.errors import ConfigError
+    from fedwa.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'batch-clients' = True is not allowed: false with "
                                           "backend = ray"):

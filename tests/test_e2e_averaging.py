@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedwa.bn import batchnorm_layers, recompute_bn
+from fedwa.core.bn import batchnorm_layers, recompute_bn
 from fedwa.cli import simulate
-from fedwa.config import resolve_config
-from fedwa.results import read_rounds
-from fedwa.task import federated_data, local_train_spec, make_model
-from fedwa.training import client_seed, train_local
+from fedwa.run.config import resolve_config
+from fedwa.callbacks.results import read_rounds
+from fedwa.data.task import federated_data, local_train_spec, make_model
+from fedwa.core.training import client_seed, train_local
 from strategies import REGISTRY
 
 pytestmark = pytest.mark.e2e

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedwa.cli import simulate
-from fedwa.config import resolve_config
-from fedwa.results import read_rounds
+from fedwa.run.config import resolve_config
+from fedwa.callbacks.results import read_rounds
 
 pytestmark = pytest.mark.e2e
 
@@ -99,7 +99,7 @@ def test_shadow_scale_starts_from_the_servers_draw_and_stays_under_batchnorm(
     # every client. Every conv of the cnn is followed by a train-mode BatchNorm, which
     # cancels a (BN(a z) = BN(z) up to eps), so without weight decay the averaged a stays
     # at the server's draw; clients starting from their own a, or a learned a, would move it.
-    from fedwa.task import federated_data, make_model
+    from fedwa.data.task import federated_data, make_model
 
     settings = {"was-layers": "all", "was-scale-init": "uniform", "weight-decay": 0.0}
     run_dir = run(tmp_path, "scale", **settings)
@@ -122,9 +122,9 @@ def test_desire_oriented_evaluation_depends_only_on_model_seed_and_round(
     # reseeds the shadow layers from (seed, round) before every evaluation, so the last
     # round's metrics are reproduced from the saved model alone, whatever was drawn in
     # earlier rounds' evaluations (as after a resume).
-    from fedwa.metrics import evaluate_model
-    from fedwa.shadow import evaluation_seed, reseed_shadow
-    from fedwa.task import federated_data, make_model
+    from fedwa.core.metrics import evaluate_model
+    from fedwa.core.shadow import evaluation_seed, reseed_shadow
+    from fedwa.data.task import federated_data, make_model
 
     settings = {"was-layers": "all", "was-inference": "shadow", "eval-batch-size": 64}
     run_dir = run(tmp_path, "shadow", **settings)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from fedwa.cli import simulate
-from fedwa.config import resolve_config
-from fedwa.errors import FedwaError
-from fedwa.arrays import to_state_dict
-from fedwa.results import read_rounds
-from fedwa.averaging import weighted_average
-from fedwa.task import federated_data, make_model
+from fedwa.run.config import resolve_config
+from fedwa.common.errors import FedwaError
+from fedwa.flower.arrays import to_state_dict
+from fedwa.callbacks.results import read_rounds
+from fedwa.core.averaging import weighted_average
+from fedwa.data.task import federated_data, make_model
 from strategies import FedAvg, Gossip
 
 pytestmark = pytest.mark.e2e
@@ -154,8 +154,8 @@ class AllBrokenGossip(Gossip):
 # --- issue 15: DIMAT as its authors ran it -----------------------------------------------------
 
 from strategies import DIMAT  # noqa: E402
-from fedwa.training import client_seed, train_local  # noqa: E402
-from fedwa.task import local_train_spec  # noqa: E402
+from fedwa.core.training import client_seed, train_local  # noqa: E402
+from fedwa.data.task import local_train_spec  # noqa: E402
 
 
 def model_bytes_of(config: dict) -> int:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fedwa.checkpoint import load_checkpoint
+from fedwa.callbacks.checkpoint import load_checkpoint
 from fedwa.cli import main as cli_main
-from fedwa.results import read_rounds
+from fedwa.callbacks.results import read_rounds
 
 FLWR = "flwr.serverapp.strategy:"
 TINY = ["--set", "dataset=digits", "--set", "model=mlp", "--set", "num-clients=4",

@@ -19,12 +19,12 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import fedwa.client_app as real
-from fedwa.arrays import new_array
-from fedwa.config import resolve_config
-from fedwa.local_backend import run_in_process
-from fedwa.results import read_rounds
-from fedwa.server_app import build_server_app
+import fedwa.apps.client_app as real
+from fedwa.flower.arrays import new_array
+from fedwa.run.config import resolve_config
+from fedwa.flower.local_backend import run_in_process
+from fedwa.callbacks.results import read_rounds
+from fedwa.apps.server_app import build_server_app
 
 pytestmark = pytest.mark.e2e
 

@@ -9,12 +9,12 @@ import torch
 from flwr.app import Message, MessageType, RecordDict
 
 from fedwa.cli import simulate
-from fedwa.config import resolve_config
-from fedwa.arrays import to_record
-from fedwa.grid import array_bytes
-from fedwa.partial import group_bytes, group_for_round, partition_groups, select
-from fedwa.results import read_rounds
-from fedwa.task import federated_data, make_model
+from fedwa.run.config import resolve_config
+from fedwa.flower.arrays import to_record
+from fedwa.flower.grid import array_bytes
+from fedwa.core.partial import group_bytes, group_for_round, partition_groups, select
+from fedwa.callbacks.results import read_rounds
+from fedwa.data.task import federated_data, make_model
 from strategies import PartialAveraging
 
 pytestmark = pytest.mark.e2e

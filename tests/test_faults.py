@@ -14,12 +14,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-import fedwa.client_app as real
-from fedwa.config import resolve_config
-from fedwa.errors import TooFewRepliesError
-from fedwa.local_backend import run_in_process
-from fedwa.results import read_rounds
-from fedwa.server_app import build_server_app
+import fedwa.apps.client_app as real
+from fedwa.run.config import resolve_config
+from fedwa.common.errors import TooFewRepliesError
+from fedwa.flower.local_backend import run_in_process
+from fedwa.callbacks.results import read_rounds
+from fedwa.apps.server_app import build_server_app
 
 SMALL = {"dataset": "digits", "model": "mlp", "num-clients": 3, "num-server-rounds": 2,
          "local-steps": 5, "imbalance-ratio": 1.0}
@@ -180,7 +180,7 @@ def test_a_short_round_is_retried_and_then_goes_on(tmp_path: Path) -> None:
 
 
 def test_min_available_clients_cannot_exceed_the_clients() -> None:
-    from fedwa.errors import ConfigError
+    from fedwa.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'min-available-clients' = 4 .* at most num-clients"):
         resolve_config({**SMALL, "min-available-clients": 4})

@@ -6,28 +6,28 @@ import pytest
 import torch
 from torch import nn
 
-from fedwa.late_phase import (
-    MemberModule,
-    add_late_phase,
-    collapse_state,
-    ensemble_logits,
-    is_member_state,
-    late_phase_modules,
-    member_names,
-    num_members,
-    set_active,
-    sync_members,
-    train_late_phase,
-)
+from fedwa.core.late_phase import (
+                                   MemberModule,
+                                   add_late_phase,
+                                   collapse_state,
+                                   ensemble_logits,
+                                   is_member_state,
+                                   late_phase_modules,
+                                   member_names,
+                                   num_members,
+                                   set_active,
+                                   sync_members,
+                                   train_late_phase,
+                                   )
 from fedwa.models import build_model
-from fedwa.training import LocalTrainSpec, batch_order, train_local
+from fedwa.core.training import LocalTrainSpec, batch_order, train_local
 
 SHAPE = (1, 4, 4)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """One torch thread, as fedwa.training.configure_threads sets for CPU clients: on a busy
+    """One torch thread, as fedwa.core.training.configure_threads sets for CPU clients: on a busy
     machine a second thread only adds contention to these tiny tensors."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -494,7 +494,7 @@ def test_member_module_forward_uses_active_member():
 @pytest.fixture
 def identity():
     """The server's task identity, which Flower's Message constructor reads (the Ray
-    simulation and fedwa.local_backend.run_in_process set it likewise)."""
+    simulation and fedwa.flower.local_backend.run_in_process set it likewise)."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -520,12 +520,12 @@ def test_clients_keep_their_own_members_only_in_local_mode(identity, monkeypatch
     entry, and keeps nothing before the late phase."""
     from flwr.app import ConfigRecord, MessageType, RecordDict
 
-    from fedwa import client_app
-    from fedwa.arrays import to_record, to_state_dict
-    from fedwa.config import resolve_config
-    from fedwa.grid import RUN_CONFIG_KEY
-    from fedwa.local_backend import InProcessGrid
-    from fedwa.task import federated_data, make_model
+    from fedwa.apps import client_app
+    from fedwa.flower.arrays import to_record, to_state_dict
+    from fedwa.run.config import resolve_config
+    from fedwa.flower.grid import RUN_CONFIG_KEY
+    from fedwa.flower.local_backend import InProcessGrid
+    from fedwa.data.task import federated_data, make_model
 
     config = resolve_config({"dataset": "digits", "model": "cnn", "num-clients": 2,
                              "num-server-rounds": 4, "late-phase-k": 2,

@@ -1,5 +1,6 @@
-"""The import graph of fedwa/ and strategies/ is a tree of layers: no module imports, directly
-or through others, a module that imports it back, and the pure math imports no Flower.
+"""The import graph of fedwa/ and strategies/ is a stack of layers: a module imports only its
+own layer and the layers below it, no module imports, directly or through others, a module that
+imports it back, and ``fedwa.core`` (the math) and ``fedwa.common`` import no Flower.
 
 Every import counts, the ones inside functions too: a lazy import still ties the two modules
 together for a reader and for a refactor.
@@ -8,13 +9,27 @@ together for a reader and for a refactor.
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
-#: Math over tensors and state dicts: usable, and tested, without Flower.
-PURE = ("fedwa.averaging", "fedwa.bn", "fedwa.twa", "fedwa.wsa", "fedwa.partial",
-        "fedwa.late_phase", "fedwa.shadow", "fedwa.alignment", "fedwa.topology",
-        "fedwa.metrics", "fedwa.training", "fedwa.batched", "fedwa.keys")
+#: Bottom to top (see fedwa/__init__.py). ``fedwa`` itself only holds the moved-module aliases.
+LAYERS = ("fedwa.common", "fedwa.models", "fedwa.core", "fedwa.data", "fedwa.flower",
+          "fedwa.callbacks", "strategies", "fedwa.run", "fedwa.apps", "fedwa.deploy", "fedwa.cli")
+#: Usable, and tested, without Flower.
+NO_FLOWER = ("fedwa.common", "fedwa.core", "fedwa.models")
+
+
+def layer_of(module: str) -> int:
+    """Index in :data:`LAYERS` of the layer a module belongs to."""
+    for index, layer in enumerate(LAYERS):
+        if module == layer or module.startswith(layer + "."):
+            return index
+    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS or move it into one")
 
 
 def modules() -> dict[str, Path]:
@@ -83,9 +98,34 @@ def test_no_module_imports_itself_back() -> None:
     assert not cycles, cycles
 
 
-def test_the_pure_math_imports_no_flower() -> None:
+def test_layer_finder_places_modules_and_refuses_strays() -> None:
+    assert layer_of("fedwa.core.averaging") == LAYERS.index("fedwa.core")
+    assert layer_of("strategies.swa") == LAYERS.index("strategies")
+    assert layer_of("fedwa.cli") == len(LAYERS) - 1
+    with pytest.raises(AssertionError, match="no layer"):
+        layer_of("fedwa.corex")
+
+
+def test_every_module_imports_only_its_layer_and_those_below() -> None:
+    graph, _ = import_graph()
+    upward = [f"{module} ({LAYERS[layer_of(module)]}) imports {dep} ({LAYERS[layer_of(dep)]})"
+              for module in sorted(graph) if module != "fedwa"
+              for dep in sorted(graph[module])
+              if dep != "fedwa" and layer_of(dep) > layer_of(module)]
+    assert not upward, upward
+
+
+def test_fedwa_itself_imports_nothing_of_its_own() -> None:
+    graph, _ = import_graph()
+    assert graph["fedwa"] == set()
+
+
+@pytest.mark.parametrize("layer", NO_FLOWER)
+def test_the_lower_layers_reach_no_flower(layer: str) -> None:
     graph, outside = import_graph()
-    for start in PURE:
+    starts = [m for m in graph if m == layer or m.startswith(layer + ".")]
+    assert starts
+    for start in starts:
         reached, todo = {start}, [start]
         while todo:
             for nxt in graph[todo.pop()]:
@@ -94,3 +134,56 @@ def test_the_pure_math_imports_no_flower() -> None:
                     todo.append(nxt)
         flower = sorted(m for m in reached if "flwr" in outside[m])
         assert not flower, f"{start} reaches Flower through {flower}"
+
+
+def test_importing_the_core_loads_no_flower() -> None:
+    """Beyond the static graph: a fresh interpreter that imports every core module has no
+    ``flwr`` in ``sys.modules`` (torch and numpy do not pull it in either)."""
+    core = sorted(p.stem for p in (REPO / "fedwa" / "core").glob("*.py") if p.stem != "__init__")
+    code = ("import sys\n" + "".join(f"import fedwa.core.{name}\n" for name in core)
+            + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --- the old flat paths ---------------------------------------------------------------------------
+
+
+def test_every_old_flat_path_is_the_moved_module_itself() -> None:
+    import fedwa
+
+    assert len(fedwa.MOVED) >= 30
+    for old, new in fedwa.MOVED.items():
+        assert not (REPO / (old.replace(".", "/") + ".py")).exists(), old
+        assert importlib.import_module(old) is importlib.import_module(new), old
+
+
+def test_old_paths_work_in_from_imports_and_attribute_patches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedwa.averaging import weighted_average  # noqa: F401 - the old path imports
+    import fedwa.core.averaging as moved
+    import fedwa.server_app
+
+    assert fedwa.server_app.app is importlib.import_module("fedwa.apps.server_app").app
+    monkeypatch.setattr("fedwa.averaging.weighted_average", "patched")
+    assert moved.weighted_average == "patched"
+
+
+def test_a_flower_component_on_an_old_path_loads(tmp_path: Path) -> None:
+    """``fedwa.server_app:app`` in a user's pyproject, loaded the way Flower loads one."""
+    from flwr.supercore.object_ref import load_app
+    from flwr.serverapp import ServerApp
+
+    from fedwa.apps.server_app import app
+
+    assert load_app("fedwa.server_app:app", ValueError, str(REPO)) is app
+    assert isinstance(app, ServerApp)
+
+
+def test_python_m_runs_a_moved_module_under_its_old_name() -> None:
+    out = subprocess.run([sys.executable, "-m", "fedwa.linkguard", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--seal-file" in out.stdout

@@ -17,7 +17,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedwa.local_backend import InProcessGrid, run_in_process
+from fedwa.flower.local_backend import InProcessGrid, run_in_process
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from fedwa.averaging import weighted_average
+from fedwa.core.averaging import weighted_average
 from fedwa.cli import simulate
-from fedwa.config import resolve_config
-from fedwa.metrics import evaluate_model
-from fedwa.results import read_rounds
-from fedwa.task import federated_data, local_train_spec, make_model, shot_options
-from fedwa.training import client_seed, train_local
+from fedwa.run.config import resolve_config
+from fedwa.core.metrics import evaluate_model
+from fedwa.callbacks.results import read_rounds
+from fedwa.data.task import federated_data, local_train_spec, make_model, shot_options
+from fedwa.core.training import client_seed, train_local
 
 
 def plain_loop(config: dict) -> list[dict]:

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedwa.errors import ConfigError
-from fedwa.metrics import (
-    balanced_accuracy,
-    classification_report,
-    evaluate_model,
-    per_class_accuracy,
-    shot_groups,
-)
+from fedwa.common.errors import ConfigError
+from fedwa.core.metrics import (
+                                balanced_accuracy,
+                                classification_report,
+                                evaluate_model,
+                                per_class_accuracy,
+                                shot_groups,
+                                )
 
 # 4 classes, class 3 absent from the targets.
 TARGETS = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])

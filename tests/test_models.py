@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedwa.errors import ConfigError
+from fedwa.common.errors import ConfigError
 from fedwa.models import MODEL_NAMES, build_model, num_parameters
 
 

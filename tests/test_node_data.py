@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import fedwa.client_app as client
-from fedwa.config import resolve_config
-from fedwa.errors import ConfigError, FedwaError
-from fedwa.local_backend import run_in_process
-from fedwa.metrics import classification_report, evaluate_model, report_from_counts
-from fedwa.node_data import held_out, node_data
-from fedwa.results import read_rounds
-from fedwa.server_app import build_server_app
-from fedwa.task import federated_data, make_model
+import fedwa.apps.client_app as client
+from fedwa.run.config import resolve_config
+from fedwa.common.errors import ConfigError, FedwaError
+from fedwa.flower.local_backend import run_in_process
+from fedwa.core.metrics import classification_report, evaluate_model, report_from_counts
+from fedwa.data.node import held_out, node_data
+from fedwa.callbacks.results import read_rounds
+from fedwa.apps.server_app import build_server_app
+from fedwa.data.task import federated_data, make_model
 
 SMALL = {"dataset": "digits", "model": "mlp", "num-clients": 3, "num-server-rounds": 2,
          "local-steps": 20, "imbalance-ratio": 1.0, "evaluation": "federated"}

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from fedwa.models import build_model
-from fedwa.partial import (
-    group_bytes,
-    group_for_round,
-    layers_of,
-    merge,
-    partition_groups,
-    select,
-)
+from fedwa.core.partial import (
+                                group_bytes,
+                                group_for_round,
+                                layers_of,
+                                merge,
+                                partition_groups,
+                                select,
+                                )
 
 CNN_BN = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
 

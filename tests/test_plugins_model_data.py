@@ -18,15 +18,15 @@ import pytest
 import torch
 from torch import nn
 
-from fedwa.alignment import (SpecBuilder, derive_spec, permutation_spec, permute_state,
-                             random_permutations)
+from fedwa.core.alignment import (SpecBuilder, derive_spec, permutation_spec, permute_state,
+                                  random_permutations)
 from fedwa.cli import main
-from fedwa.config import resolve_config
+from fedwa.run.config import resolve_config
 from fedwa.data import load_dataset
-from fedwa.errors import ConfigError
+from fedwa.common.errors import ConfigError
 from fedwa.models import build_model, model_origin
-from fedwa.results import read_rounds
-from fedwa.task import federated_data
+from fedwa.callbacks.results import read_rounds
+from fedwa.data.task import federated_data
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 sys.path.insert(0, str(PLUGINS))  # as `PYTHONPATH=tests/plugins` would
@@ -199,7 +199,7 @@ def test_the_derived_spec_of_a_plain_chain_equals_the_hand_written_one() -> None
     assert derive_spec(model, (1, 8, 8)) == hand_written_spec(model)
     assert permutation_spec(model) == hand_written_spec(model)
     # And for fedwa's own mlp and cnn, which have hand-written specs registered.
-    from fedwa.alignment import SPEC_BUILDERS
+    from fedwa.core.alignment import SPEC_BUILDERS
 
     for name, shape in (("mlp", (1, 8, 8)), ("cnn", (3, 12, 16))):
         own = build_model(name, shape, 10, seed=0)
@@ -344,8 +344,8 @@ def test_a_bad_plug_in_is_one_line_and_exit_2(overrides: dict, key: str, piece: 
 def test_a_supernode_data_dir_follows_the_same_rules(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from fedwa.errors import FedwaError
-    from fedwa.node_data import node_data
+    from fedwa.common.errors import FedwaError
+    from fedwa.data.node import node_data
 
     folder = tmp_path / "site"
     folder.mkdir()

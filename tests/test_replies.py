@@ -1,4 +1,4 @@
-"""The reply guard (fedwa.replies) against crafted faulty replies, built as real Flower messages.
+"""The reply guard (fedwa.flower.replies) against crafted faulty replies, built as real Flower messages.
 
 Each test is one finding of issue #17 section 2: before the guard, the reply either crashed
 the run (a traceback from numpy, int() or a sort) or went into the model or the metrics.
@@ -17,13 +17,13 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, Me
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedwa.arrays import PayloadError, array_view, checked_view, new_array
-from fedwa.checkpoint import fetch_client_models
-from fedwa.errors import AllClientsFailedError, TooFewRepliesError, UntrustedNodesError
-from fedwa.grid import FedwaGrid
-from fedwa.replies import (count_problem, handshake_problem, held_out_problem,
-                           model_problem, moments_problem, screen)
-from fedwa.server_app import recompute_bn_federated, values_per_example
+from fedwa.flower.arrays import PayloadError, array_view, checked_view, new_array
+from fedwa.callbacks.checkpoint import fetch_client_models
+from fedwa.common.errors import AllClientsFailedError, TooFewRepliesError, UntrustedNodesError
+from fedwa.flower.grid import FedwaGrid
+from fedwa.flower.replies import (count_problem, handshake_problem, held_out_problem,
+                                  model_problem, moments_problem, screen)
+from fedwa.apps.server_app import recompute_bn_federated, values_per_example
 from strategies import FedAvg
 from strategies.base import reply_problem
 
@@ -486,8 +486,8 @@ def test_a_check_that_raises_leaves_the_reply_out_instead_of_ending_the_run() ->
 def test_partial_averaging_clients_may_count_the_whole_test_set() -> None:
     # Their kept models are evaluated on the balanced test set, larger than a partition: the
     # cap is the test set's size, not the handshake's training count.
-    from fedwa.config import resolve_config
-    from fedwa.task import federated_data
+    from fedwa.run.config import resolve_config
+    from fedwa.data.task import federated_data
     from strategies import build_strategy
 
     config = resolve_config({"strategy": "partial", "num-clients": 10})

@@ -5,16 +5,16 @@ import math
 
 import pytest
 
-from fedwa.results import (
-    ResultsWriter,
-    mean_std,
-    plot_curves,
-    plot_run,
-    read_rounds,
-    summarise,
-    unique_dir,
-    write_json,
-)
+from fedwa.callbacks.results import (
+                                     ResultsWriter,
+                                     mean_std,
+                                     plot_curves,
+                                     plot_run,
+                                     read_rounds,
+                                     summarise,
+                                     unique_dir,
+                                     write_json,
+                                     )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -177,7 +177,7 @@ def test_plot_curves_writes_png(tmp_path):
 
 
 def test_seeds_are_averaged_round_by_round_not_line_by_line(tmp_path):
-    from fedwa.results import draw_mean_bands
+    from fedwa.callbacks.results import draw_mean_bands
 
     # Seed 0's file repeats round 0 (as a resume from a round-0 checkpoint once wrote it) and
     # seed 1's lacks round 1: by line index, seed 0's round 0 would meet seed 1's round 2.
@@ -213,7 +213,7 @@ def _written_run(run_dir):
 
 
 def test_plot_worker_draws_what_plot_run_draws(tmp_path):
-    from fedwa.results import PlotWorker
+    from fedwa.callbacks.results import PlotWorker
 
     # The same folder name: it is the plot's title.
     here = plot_run(_written_run(tmp_path / "a" / "run"), tmp_path / "here.png")
@@ -229,7 +229,7 @@ def test_plot_worker_draws_what_plot_run_draws(tmp_path):
 
 
 def test_a_dead_plot_worker_leaves_the_drawing_to_this_process(tmp_path):
-    from fedwa.results import PlotWorker
+    from fedwa.callbacks.results import PlotWorker
 
     run_dir = _written_run(tmp_path / "run")
     worker = PlotWorker()
@@ -240,7 +240,7 @@ def test_a_dead_plot_worker_leaves_the_drawing_to_this_process(tmp_path):
 
 
 def test_an_unused_plot_worker_is_stopped(tmp_path):
-    from fedwa.results import PlotWorker
+    from fedwa.callbacks.results import PlotWorker
 
     worker = PlotWorker()
     process = worker._process

@@ -10,21 +10,21 @@ import torch.nn.functional as F
 from torch import nn
 
 # Names added with the "reference" transform, the scale init and the evaluation seed are
-# reached through the module, so that on an older fedwa.shadow only the tests using them
+# reached through the module, so that on an older fedwa.core.shadow only the tests using them
 # fail, not the whole file at import.
-from fedwa import shadow
+from fedwa.core import shadow
 from fedwa.models import build_model
-from fedwa.shadow import (
-    TRANSFORMS,
-    AffineParams,
-    ShadowConv2d,
-    add_shadow_weights,
-    conv_layer_names,
-    kernel_transform,
-    reseed_shadow,
-    sample_affine,
-    transform_kernel,
-)
+from fedwa.core.shadow import (
+                               TRANSFORMS,
+                               AffineParams,
+                               ShadowConv2d,
+                               add_shadow_weights,
+                               conv_layer_names,
+                               kernel_transform,
+                               reseed_shadow,
+                               sample_affine,
+                               transform_kernel,
+                               )
 
 CNN_SHAPE = (1, 8, 8)
 AFFINE = ("resize-crop", "translate")
@@ -314,7 +314,7 @@ def test_scale_init_one_gives_unit_scales():
 
 
 def test_task_threads_scale_init_from_the_config():
-    from fedwa.task import make_plain_model
+    from fedwa.data.task import make_plain_model
 
     data = SimpleNamespace(input_shape=CNN_SHAPE, num_classes=3)
     config = {"seed": 0, "model": "cnn", "model-width": 1, "was-layers": "all",

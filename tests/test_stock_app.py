@@ -327,7 +327,7 @@ def test_decentralized_strategies_say_they_need_fedwas_apps(outcomes: dict, name
     assert isinstance(err, ClientProtocolError)
     text = str(err)
     assert "no global model" in text and "train.merge" in text
-    assert "fedwa.server_app" in text and "fedwa.client_app" in text
+    assert "fedwa.apps.server_app" in text and "fedwa.apps.client_app" in text
     assert outcomes[name]["seen"] == []
 
 
@@ -337,7 +337,7 @@ def test_decentralized_strategies_say_they_need_fedwas_apps(outcomes: dict, name
 def test_partial_averaging_runs_with_a_client_that_keeps_its_model(protocol_outcomes: dict):
     import torch
 
-    from fedwa.partial import merge, select
+    from fedwa.core.partial import merge, select
 
     g = ran(protocol_outcomes, "FedAvg")["by_round"]
     outcome = ran(protocol_outcomes, "PartialAveraging")

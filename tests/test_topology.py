@@ -1,15 +1,15 @@
 import numpy as np
 import pytest
 
-from fedwa.errors import ConfigError
-from fedwa.topology import (
-    MIXING_RULES,
-    TOPOLOGIES,
-    check_mixing,
-    is_connected,
-    mixing_matrix,
-    neighbours,
-)
+from fedwa.common.errors import ConfigError
+from fedwa.core.topology import (
+                                 MIXING_RULES,
+                                 TOPOLOGIES,
+                                 check_mixing,
+                                 is_connected,
+                                 mixing_matrix,
+                                 neighbours,
+                                 )
 
 
 def test_ring_5():

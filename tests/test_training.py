@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedwa.config import resolve_config
-from fedwa.errors import ConfigError
-from fedwa.training import LocalTrainSpec, batch_order, client_seed, round_lr, train_local
+from fedwa.run.config import resolve_config
+from fedwa.common.errors import ConfigError
+from fedwa.core.training import LocalTrainSpec, batch_order, client_seed, round_lr, train_local
 
 
 class Hang(Exception):
@@ -363,7 +363,7 @@ def test_adam_ignores_momentum_and_sgd_stays_the_default():
                 seed=0)
     assert torch.equal(a.weight, b.weight)
     assert LocalTrainSpec().optimizer == "sgd"
-    from fedwa.task import local_train_spec
+    from fedwa.data.task import local_train_spec
 
     assert local_train_spec(resolve_config({}), {}).optimizer == "sgd"
     adam = resolve_config({"optimizer": "adam", "lr": 1e-3, "weight-decay": 0.0})
@@ -372,8 +372,8 @@ def test_adam_ignores_momentum_and_sgd_stays_the_default():
 
 
 def test_batch_clients_never_batches_a_non_sgd_job():
-    from fedwa.batched import can_batch
-    from fedwa.client_app import TrainJob
+    from fedwa.core.batched import can_batch
+    from fedwa.apps.client_app import TrainJob
 
     assert can_batch(LocalTrainSpec(optimizer="sgd"))
     for name in ("adam", "adamw"):
@@ -388,7 +388,7 @@ def test_batch_clients_never_batches_a_non_sgd_job():
 
 
 def _full_batch_setup():
-    from fedwa.training import LocalTrainSpec
+    from fedwa.core.training import LocalTrainSpec
 
     torch.manual_seed(0)
     x = torch.randn(12, 3)
@@ -406,7 +406,7 @@ def test_a_kept_optimiser_makes_two_rounds_of_one_step_one_round_of_two():
     import copy
     import dataclasses
 
-    from fedwa.training import train_local
+    from fedwa.core.training import train_local
 
     model, x, y, spec = _full_batch_setup()
     whole = copy.deepcopy(model)
@@ -430,7 +430,7 @@ def test_kept_momentum_by_hand():
     # after round 2 it is 0.9 g1 + g2.
     import copy
 
-    from fedwa.training import train_local
+    from fedwa.core.training import train_local
 
     model, x, y, spec = _full_batch_setup()
     state: dict = {}
@@ -450,7 +450,7 @@ def test_kept_momentum_by_hand():
 
 
 def test_kept_state_of_another_model_is_refused():
-    from fedwa.training import train_local
+    from fedwa.core.training import train_local
 
     model, x, y, spec = _full_batch_setup()
     with pytest.raises(ValueError, match="does not fit a model with 4 parameters"):
@@ -461,7 +461,7 @@ def test_kept_state_of_another_model_is_refused():
 def test_kept_adam_state_round_trips_with_its_step_count():
     import dataclasses
 
-    from fedwa.training import load_optimiser_state, make_optimiser, optimiser_state
+    from fedwa.core.training import load_optimiser_state, make_optimiser, optimiser_state
 
     model, x, y, spec = _full_batch_setup()
     spec = dataclasses.replace(spec, optimizer="adam", momentum=0.0)

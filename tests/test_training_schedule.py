@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedwa.config import resolve_config
-from fedwa.task import local_train_spec
-from fedwa.training import LocalTrainSpec, local_gradient, schedule_lr, train_local
+from fedwa.run.config import resolve_config
+from fedwa.data.task import local_train_spec
+from fedwa.core.training import LocalTrainSpec, local_gradient, schedule_lr, train_local
 
 # --- schedule_lr -------------------------------------------------------------------------------
 

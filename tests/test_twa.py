@@ -13,19 +13,19 @@ import torch
 from torch import nn
 
 from fedwa.models import build_model
-from fedwa.twa import (
-    REFERENCE_LR,
-    Subspace,
-    SubspaceOptimizer,
-    fit_on_data,
-    flatten,
-    layer_blocks,
-    learnable_names,
-    lr_factor,
-    resolve_schedule,
-    step_milestones,
-    unflatten,
-)
+from fedwa.core.twa import (
+                            REFERENCE_LR,
+                            Subspace,
+                            SubspaceOptimizer,
+                            fit_on_data,
+                            flatten,
+                            layer_blocks,
+                            learnable_names,
+                            lr_factor,
+                            resolve_schedule,
+                            step_milestones,
+                            unflatten,
+                            )
 
 
 def _candidates(n: int, d: int, seed: int = 0) -> list[torch.Tensor]:

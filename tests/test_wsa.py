@@ -5,16 +5,16 @@ import torch
 from torch import nn
 
 from fedwa.models import build_model
-from fedwa.wsa import (
-    fuse_scopes,
-    gaussian_kl,
-    scope_kl,
-    scope_layers,
-    scope_regulariser,
-    scopes,
-    scopes_from_tensors,
-    scopes_to_tensors,
-)
+from fedwa.core.wsa import (
+                            fuse_scopes,
+                            gaussian_kl,
+                            scope_kl,
+                            scope_layers,
+                            scope_regulariser,
+                            scopes,
+                            scopes_from_tensors,
+                            scopes_to_tensors,
+                            )
 
 
 def _log_normal_pdf(x, mu, sigma):

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedwa.errors import ConfigError, DataNotFoundError, FedwaError
-from fedwa.node_data import check_examples, read_npz
-from fedwa.plugins import accepts, has_parameter, is_import_path, load_callable, signature_text
+from fedwa.common.errors import ConfigError, DataNotFoundError, FedwaError
+from fedwa.data.node import check_examples, read_npz
+from fedwa.common.plugins import accepts, has_parameter, is_import_path, load_callable, signature_text
 
 DATASET_NAMES = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic", "npz")
 
@@ -317,11 +317,11 @@ class _DataUnpickler(pickle.Unpickler):
 
     A pickle can name any callable and have it run; a file in someone's ``data-root`` is
     data, so every global but numpy's array reconstructors (the allow-list of
-    :func:`fedwa.safe_state.legacy_numpy_names`) is refused before anything is built.
+    :func:`fedwa.common.safe_load.legacy_numpy_names`) is refused before anything is built.
     """
 
     def find_class(self, module: str, name: str) -> Any:
-        from fedwa.safe_state import legacy_numpy_names
+        from fedwa.common.safe_load import legacy_numpy_names
 
         # Pickles written under numpy 1 name numpy.core; numpy 2 keeps it as an alias.
         canonical = f"{module.replace('numpy.core', 'numpy._core')}.{name}"
@@ -547,7 +547,7 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
         ``x`` (floating point, ``[n, C, H, W]``) and ``y`` (integer labels), and
         optionally ``class_names`` (strings) in ``train.npz``; without it the classes are
         ``0 .. max(y)``. These are the files a SuperNode's ``data-dir`` holds
-        (:mod:`fedwa.node_data`), checked by the same rules.
+        (:mod:`fedwa.data.node`), checked by the same rules.
 
         ``module:function`` calls the user's loader: ``function()``, or
         ``function(data_root=...)`` when it takes a ``data_root`` parameter (the

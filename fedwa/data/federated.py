@@ -13,7 +13,7 @@ import torch
 from fedwa.data.datasets import Dataset, load_dataset
 from fedwa.data.longtail import long_tail_indices
 from fedwa.data.partition import partition_indices
-from fedwa.errors import ConfigError, FedwaError
+from fedwa.common.errors import ConfigError, FedwaError
 
 
 class PartitionIdError(FedwaError, IndexError):

@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from fedwa.errors import ConfigError
+from fedwa.common.errors import ConfigError
 
 IMBALANCE_TYPES = ("exp", "step")
 

@@ -7,7 +7,7 @@ import numbers
 
 import numpy as np
 
-from fedwa.errors import ConfigError
+from fedwa.common.errors import ConfigError
 
 PARTITION_NAMES = ("iid", "dirichlet", "shards", "replicas", "classes")
 DIRICHLET_MAX_DRAWS = 100

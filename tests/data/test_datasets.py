@@ -9,7 +9,7 @@ import torch
 
 import fedwa.data.datasets as ds
 from fedwa.data import DATASET_NAMES, check_available, load_dataset, read_idx
-from fedwa.errors import ConfigError, DataNotFoundError, FedwaError
+from fedwa.common.errors import ConfigError, DataNotFoundError, FedwaError
 
 SQRT2 = 2 ** 0.5
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedwa.data import FederatedData, PartitionIdError, build_federated_data, derived_seeds
-from fedwa.errors import ConfigError, FedwaError
+from fedwa.common.errors import ConfigError, FedwaError
 
 BASE = dict(dataset="digits", data_root=None, seed=3, num_clients=5, partition="dirichlet",
             dirichlet_alpha=0.5, shards_per_client=2, imbalance_ratio=10.0, imbalance_type="exp",

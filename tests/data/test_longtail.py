@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedwa.data import long_tail_counts, long_tail_indices
-from fedwa.errors import ConfigError
+from fedwa.common.errors import ConfigError
 
 
 def test_exp_profile_matches_hand_worked_counts():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedwa.data import PARTITION_NAMES, partition_indices
-from fedwa.errors import ConfigError
+from fedwa.common.errors import ConfigError
 
 LABELS = np.random.default_rng(5).integers(0, 5, size=103)
 

@@ -1,7 +1,7 @@
 # my_residual.py
 from torch import nn
 
-from fedwa.alignment import SpecBuilder
+from fedwa.core.alignment import SpecBuilder
 
 
 class ResidualNet(nn.Module):

@@ -8,8 +8,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedwa.partial import merge, select
-from fedwa.wsa import scope_kl, scope_regulariser
+from fedwa.core.partial import merge, select
+from fedwa.core.wsa import scope_kl, scope_regulariser
 from stock_app.client_app import LOCAL_EPOCHS, LR, round_seed
 from stock_app.task import Net, load_partition, test, train
 

@@ -16,7 +16,7 @@ from flwr.app import (
 )
 from flwr.common.constant import SUPERLINK_NODE_ID
 
-from fedwa.errors import AllClientsFailedError
+from fedwa.common.errors import AllClientsFailedError
 from strategies import FedAvg
 from strategies.base import match_dtypes, reply_problem
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedwa.config import resolve_config
+from fedwa.run.config import resolve_config
 from strategies import FedAvg, build_strategy
 
 

@@ -9,7 +9,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedwa.config import resolve_config
+from fedwa.run.config import resolve_config
 from strategies import FedAdam, FedAvg, FedAvgM, FedProx, build_strategy
 
 

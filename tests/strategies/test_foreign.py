@@ -6,9 +6,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedwa.client_app import clip_update
-from fedwa.config import load_toml, resolve_config
-from fedwa.errors import ConfigError, UnsavableStateError
+from fedwa.apps.client_app import clip_update
+from fedwa.run.config import load_toml, resolve_config
+from fedwa.common.errors import ConfigError, UnsavableStateError
 from strategies import build_strategy
 from strategies.foreign import attribute_state, parse_strategy_args, restore_attributes
 

@@ -12,7 +12,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedwa.config import resolve_config
+from fedwa.run.config import resolve_config
 from strategies import HWA, build_strategy
 
 
@@ -109,7 +109,7 @@ def test_last_sync_takes_the_remainder():
 
 
 def test_sync_steps_need_a_step_budget():
-    from fedwa.errors import ConfigError
+    from fedwa.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="hwa-sync-steps") as info:
         hwa(**{"local-steps": 0})

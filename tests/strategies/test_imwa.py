@@ -12,9 +12,9 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedwa.config import resolve_config
-from fedwa.errors import ConfigError
-from fedwa.task import local_train_spec
+from fedwa.run.config import resolve_config
+from fedwa.common.errors import ConfigError
+from fedwa.data.task import local_train_spec
 from strategies import IMWA, build_strategy
 from strategies.imwa import episode_lengths
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedwa.arrays import to_record, to_state_dict
-from fedwa.grid import array_bytes
+from fedwa.flower.arrays import to_record, to_state_dict
+from fedwa.flower.grid import array_bytes
 from fedwa.models import build_model
-from fedwa.partial import merge, select
+from fedwa.core.partial import merge, select
 from strategies.fedavg import FedAvg
 from strategies.partial import PartialAveraging
 
@@ -136,7 +136,7 @@ def test_two_clients_by_hand() -> None:
     assert list(down) == ["fc.weight[0:2]"]
     assert torch.equal(down["fc.weight[0:2]"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
     assert list(second[1].content["config"]["return-names"]) == ["fc.weight[2:4]", "fc.bias"]
-    # Client b writes the rows into its kept model (the ClientApp's fedwa.partial.merge):
+    # Client b writes the rows into its kept model (the ClientApp's fedwa.core.partial.merge):
     b = merge(b, down)
     assert torch.equal(b["fc.weight"], torch.tensor([[4.0, 5.0], [6.0, 7.0], [9.0, 10.0],
                                                      [11.0, 12.0]]))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedwa.arrays import to_state_dict
-from fedwa.partial import merge
+from fedwa.flower.arrays import to_state_dict
+from fedwa.core.partial import merge
 from strategies.partial import PartialAveraging
 
 

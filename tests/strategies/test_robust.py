@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedwa.config import resolve_config
-from fedwa.errors import ConfigError, TooFewRepliesError
+from fedwa.run.config import resolve_config
+from fedwa.common.errors import ConfigError, TooFewRepliesError
 from strategies import REGISTRY, Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, build_strategy
 
 

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedwa.config import resolve_config
+from fedwa.run.config import resolve_config
 from strategies import DIMAT, IMWA, SWA, FedAdam, FedAvg, FedAvgM, FedProx, build_strategy
 from strategies.base import FedwaStrategy, sample_node_ids
 
@@ -192,7 +192,7 @@ def test_decentralized_start_says_what_it_needs():
 
 
 def test_hwa_sync_steps_built_directly_needs_a_step_budget():
-    from fedwa.errors import ConfigError
+    from fedwa.common.errors import ConfigError
     from strategies import HWA
 
     with pytest.raises(ConfigError, match="run_config=\\{'local-steps'"):

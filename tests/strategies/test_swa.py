@@ -12,7 +12,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedwa.config import resolve_config
+from fedwa.run.config import resolve_config
 from strategies import EMA, SWA, build_strategy
 
 

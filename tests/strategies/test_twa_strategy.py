@@ -14,10 +14,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-import fedwa.task
-from fedwa.config import resolve_config
-from fedwa.errors import ConfigError
-from fedwa.twa import flatten
+import fedwa.data.task
+from fedwa.run.config import resolve_config
+from fedwa.common.errors import ConfigError
+from fedwa.core.twa import flatten
 from strategies import TWAt, TWAv, build_strategy
 from strategies.twa import GRADIENT_ACTION
 
@@ -34,7 +34,7 @@ MAIN = {"twa-optimizer": "sgd", "twa-basis": "uncentred", "twa-weight-decay": 1e
 
 @pytest.fixture(scope="module")
 def data():
-    return fedwa.task.federated_data(resolve_config(BASE_CONFIG))
+    return fedwa.data.task.federated_data(resolve_config(BASE_CONFIG))
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +43,7 @@ def cached_data(monkeypatch, data):
 
     Every config here uses the same dataset, so the cached data gives the same shapes.
     """
-    monkeypatch.setattr(fedwa.task, "federated_data", lambda config: data)
+    monkeypatch.setattr(fedwa.data.task, "federated_data", lambda config: data)
 
 
 class FakeGrid:
@@ -62,7 +62,7 @@ def twa_t(**overrides) -> TWAt:
 
 def base_state(data, model: str = "mlp") -> dict[str, torch.Tensor]:
     config = resolve_config({**BASE_CONFIG, "model": model})
-    return {k: v.detach().clone() for k, v in fedwa.task.make_model(config, data)
+    return {k: v.detach().clone() for k, v in fedwa.data.task.make_model(config, data)
             .state_dict().items()}
 
 
@@ -506,7 +506,7 @@ def test_adamw_gradient_rounds_move_lr_per_round_and_resume(data):
 
 @pytest.fixture(scope="module")
 def val_data():
-    return fedwa.task.federated_data(resolve_config(
+    return fedwa.data.task.federated_data(resolve_config(
         {"strategy": "twa-v", "dataset": "digits", "model": "cnn",
          "server-val-fraction": 0.2}))
 
@@ -514,12 +514,12 @@ def val_data():
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_twa_v_fit_uses_the_settings_and_recomputes_bn_first_only_in_eval_mode(
         monkeypatch, val_data, mode):
-    import fedwa.bn
-    import fedwa.twa
+    import fedwa.core.bn
+    import fedwa.core.twa
 
-    monkeypatch.setattr(fedwa.task, "federated_data", lambda config: val_data)
+    monkeypatch.setattr(fedwa.data.task, "federated_data", lambda config: val_data)
     fits, recomputed = [], []
-    real_fit, real_recompute = fedwa.twa.fit_on_data, fedwa.bn.recompute_bn
+    real_fit, real_recompute = fedwa.core.twa.fit_on_data, fedwa.core.bn.recompute_bn
 
     def spy_fit(*args, **kwargs):
         fits.append(kwargs)
@@ -529,8 +529,8 @@ def test_twa_v_fit_uses_the_settings_and_recomputes_bn_first_only_in_eval_mode(
         recomputed.append(len(x))
         return real_recompute(model, x, **kwargs)
 
-    monkeypatch.setattr(fedwa.twa, "fit_on_data", spy_fit)
-    monkeypatch.setattr(fedwa.bn, "recompute_bn", spy_recompute)
+    monkeypatch.setattr(fedwa.core.twa, "fit_on_data", spy_fit)
+    monkeypatch.setattr(fedwa.core.bn, "recompute_bn", spy_recompute)
     s = build_strategy(resolve_config({
         "strategy": "twa-v", "dataset": "digits", "model": "cnn", "num-server-rounds": 4,
         "server-val-fraction": 0.2, "twa-epochs": 2, "twa-bn-mode": mode, **MAIN}))
