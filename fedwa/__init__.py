@@ -12,10 +12,10 @@ The package is in layers, each importing only from the ones before it (``tests/t
     datasets, partitions, a node's own data, and the run's data and model (``data.task``);
 ``flower``
     Flower plumbing: records, the reply guard, the Grid, the round loop, the local backend;
-``callbacks``
-    the run folder, results, plots and checkpoints;
 ``strategies`` (a package of its own, beside ``fedwa``)
     the server's strategies;
+``callbacks``
+    what runs after every round: evaluation, results and plots, checkpoints, the folder lock;
 ``run``
     the resolved config, and the composition root that builds a run's parts from it;
 ``apps``

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedwa.run.config import (all_known_keys, core_keys, folder_name, load_toml, parse_set,
                               resolve_config)
@@ -25,6 +25,9 @@ from fedwa.common.errors import ConfigError, FedwaError
 from fedwa.callbacks.results import (PlotWorker, check_output_dir, default_run_name, mean_std,
                                      plot_curves, plot_run, read_rounds, unique_dir)
 from fedwa.callbacks.runlock import RunLock, remove_if_empty
+
+if TYPE_CHECKING:  # compose imports torch and Flower: `fedwa --help` need not
+    from fedwa.run.compose import RunParts
 
 # Quiet, offline-friendly Flower defaults; a user's own environment wins.
 FLOWER_ENV = {
@@ -79,13 +82,13 @@ def set_log_levels(verbose: bool) -> None:
     logging.getLogger("fedwa").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def check_runnable(config: Mapping[str, Any]) -> None:
+def check_runnable(config: Mapping[str, Any]) -> RunParts:
     """Everything that can be checked before an engine starts: the output folder, data files,
-    the partition, the strategy and the model."""
+    the partition, the strategy and the model. Returns the run's parts
+    (:func:`fedwa.run.compose.compose`), for :func:`simulate` to run without building them
+    again."""
     from fedwa.common.errors import DataNotFoundError
-    from fedwa.data.task import check_model_fits, federated_data, make_model
-
-    from strategies import build_strategy
+    from fedwa.run.compose import compose
 
     # First: it is cheap, and a run that cannot write its folder should not load data. A
     # resumed run writes in its own folder, wherever output-dir points now.
@@ -94,18 +97,9 @@ def check_runnable(config: Mapping[str, Any]) -> None:
     else:
         check_output_dir(config["output-dir"])
     try:
-        data = federated_data(config)
+        return compose(config)
     except DataNotFoundError as err:
         raise ConfigError("data-root", config["data-root"], str(err)) from None
-    # A strategy may check keys against each other (IMWA's budget), its constructor
-    # arguments (strategy-args) and the model it will average (the DP wrappers).
-    strategy = build_strategy(config)
-    # A user's model is built and run once, and DIMAT's permutation spec looked up, so that a
-    # bad plug-in is one line here rather than a failed first round.
-    check_model_fits(config, data, strategy)
-    check_model = getattr(strategy, "check_model", None)
-    if check_model is not None:
-        check_model(make_model(config, data).state_dict())
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -155,7 +149,8 @@ class Progress:
 
 def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = True,
              label: str | None = None, verbose: bool = False,
-             plot: bool = True, lock: RunLock | None = None) -> dict[str, Any]:
+             plot: bool = True, lock: RunLock | None = None,
+             parts: RunParts | None = None) -> dict[str, Any]:
     """Run one validated config on its simulation backend; return its summary.
 
     ``plot=False`` leaves out the run's ``accuracy.png`` (for sweeps and benchmarks).
@@ -163,6 +158,7 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
     (:mod:`fedwa.flower.local_backend`); ``ray`` hands them to Flower's simulation engine.
     ``lock`` is ``run_dir``'s lock when the caller holds it; otherwise it is taken here
     (:class:`~fedwa.common.errors.RunFolderBusyError` when another process holds it).
+    ``parts`` are the run's parts from :func:`check_runnable`; composed here when not given.
 
     An error that ends the run before it writes ``summary.json`` (a check inside the
     ServerApp, a config that does not match the checkpoint) is raised as it was, so the user
@@ -174,35 +170,37 @@ def simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool = 
         own_lock = lock = RunLock(run_dir).acquire()
     try:
         return _simulate(config, run_dir, show_progress=show_progress, label=label,
-                         verbose=verbose, plot=plot, lock=lock)
+                         verbose=verbose, plot=plot, lock=lock, parts=parts)
     finally:
         if own_lock is not None:
             own_lock.release()
 
 
 def _simulate(config: Mapping[str, Any], run_dir: Path, *, show_progress: bool,
-              label: str | None, verbose: bool, plot: bool, lock: RunLock) -> dict[str, Any]:
+              label: str | None, verbose: bool, plot: bool, lock: RunLock,
+              parts: RunParts | None) -> dict[str, Any]:
     """:func:`simulate` with the run folder locked."""
     for name, value in FLOWER_ENV.items():
         os.environ.setdefault(name, value)
     # Imported here so that `fedwa --help` and config errors stay fast.
     from fedwa.apps.client_app import app as client_app
-    from fedwa.apps.server_app import build_server_app, total_rounds
-    from strategies import build_strategy
+    from fedwa.apps.server_app import build_server_app
+    from fedwa.run.compose import compose
 
     set_log_levels(verbose)
-    rounds = total_rounds(build_strategy(config), config)
+    if parts is None:
+        parts = compose(config)
     # The ServerApp writes the results and leaves accuracy.png to the worker, which imports
     # matplotlib meanwhile: the plot is drawn once summary.json is written, as before, but
     # its imports no longer add to the run's time.
     plotter = PlotWorker() if plot else None
-    server_app = build_server_app(config, run_dir, plot=False, lock=lock)
+    server_app = build_server_app(config, run_dir, plot=False, lock=lock, parts=parts)
     summary_path = run_dir / "summary.json"
     # A failed attempt's summary may be there already: only one this run wrote counts.
     before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
     ended = False
     try:
-        with Progress(run_dir, rounds, label or run_dir.name, show_progress):
+        with Progress(run_dir, parts.total_rounds, label or run_dir.name, show_progress):
             if config["backend"] == "local":
                 _run_local(server_app, client_app, config)
             else:
@@ -281,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             from fedwa.callbacks.checkpoint import load_checkpoint, resume_config
-            from fedwa.apps.server_app import check_resumable
+            from fedwa.run.compose import check_resumable
 
             run_dir = Path(args.resume).resolve()
             if (run_dir / "config.json").is_file():
@@ -294,14 +292,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             config = resolve_config(gather_overrides(args.config, args.set))
         set_log_levels(args.verbose)
-        check_runnable(config)
+        parts = check_runnable(config)
         if not args.resume:
             run_dir = unique_dir(config["output-dir"],
                                  config["run-name"] or default_run_name(config))
             created = run_dir
             lock = RunLock(run_dir).acquire()
         summary = simulate(config, run_dir, show_progress=not args.quiet,
-                           verbose=args.verbose, lock=lock)
+                           verbose=args.verbose, lock=lock, parts=parts)
     except BaseException:
         if created is not None:
             remove_if_empty(created)  # a run that failed before writing anything

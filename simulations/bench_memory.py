@@ -28,12 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+# The flat module paths (fedwa.config, fedwa.task): a --code checkout from before the layers
+# has only those, and the layered code still imports them (fedwa.MOVED).
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 from fedwa.cli import simulate
-from fedwa.run.config import resolve_config
-from fedwa.data.task import federated_data
+from fedwa.config import resolve_config
+from fedwa.task import federated_data
 config = resolve_config(json.loads(sys.argv[1]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 federated_data(config)

@@ -101,11 +101,13 @@ print("BENCH " + json.dumps({"rounds_s": result["rounds_s"],
 """
 
 # `fedwa run` as a user types it, with run_rounds timed. The wrapper is put in place before
-# fedwa.apps.server_app imports the function by name.
+# the ServerApp imports the function by name. `fedwa.rounds` is the flat path: a --baseline
+# from before the layers has only that one, and the layered code still imports it (fedwa.MOVED)
+# as the same module as fedwa.flower.rounds.
 FEDWA_CHILD = """
 import json, sys, time
-import fedwa.flower.rounds
-inner = fedwa.flower.rounds.run_rounds
+import fedwa.rounds
+inner = fedwa.rounds.run_rounds
 took, cpu = [], []
 def run_rounds(*args, **kwargs):
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -114,7 +116,7 @@ def run_rounds(*args, **kwargs):
     finally:
         took.append(time.perf_counter() - started)
         cpu.append(time.process_time() - cpu_started)
-fedwa.flower.rounds.run_rounds = run_rounds
+fedwa.rounds.run_rounds = run_rounds
 from fedwa.cli import main
 code = main(sys.argv[1:])
 import fedwa, os

@@ -11,7 +11,7 @@ so Flower's own algorithms keep their math while gaining fedwa's guarantees.
 Two ways to run a strategy
 --------------------------
 fedwa's own ServerApp (``fedwa run``, ``flwr run .``) drives the hooks through
-:func:`fedwa.flower.rounds.run_rounds` and evaluates with :class:`fedwa.apps.server_app.CentralEvaluator`;
+:func:`fedwa.flower.rounds.run_rounds` and evaluates with :class:`fedwa.callbacks.evaluation.CentralEvaluator`;
 it never calls :meth:`FedwaStrategy.start`. A user's own ServerApp calls
 ``strategy.start(grid=..., initial_arrays=..., num_rounds=..., evaluate_fn=...)`` as with any
 Flower strategy: :meth:`FedwaStrategy.start` runs Flower's round loop, hands ``evaluate_fn`` the

@@ -114,7 +114,7 @@ def test_the_cli_refuses_a_folder_without_checkpoint_in_one_line(
 
 
 def test_a_checkpoint_of_another_config_is_refused(unfinished: Path, tmp_path: Path) -> None:
-    from fedwa.apps.server_app import check_resumable
+    from fedwa.run.compose import check_resumable
 
     finished = unfinished
     checkpoint = load_checkpoint(finished)
@@ -304,16 +304,16 @@ def stop_after(monkeypatch: pytest.MonkeyPatch, checkpointed: int, stop_round: i
     """Make the next run checkpoint only rounds up to ``checkpointed`` (as
     ``checkpoint-min-seconds`` does on short rounds) and die once round ``stop_round`` is
     recorded, before its checkpoint: deterministic where a SIGKILL is not."""
-    import fedwa.apps.server_app as server
+    import fedwa.run.compose as compose  # the composition root builds the checkpointer
 
-    class Stopping(server.Checkpointer):
+    class Stopping(compose.Checkpointer):
         def __call__(self, server_round: int, arrays: object) -> None:
             if server_round == stop_round:
                 raise Stopped(f"killed after round {server_round}")
             if server_round <= checkpointed:
                 super().__call__(server_round, arrays)
 
-    monkeypatch.setattr(server, "Checkpointer", Stopping)
+    monkeypatch.setattr(compose, "Checkpointer", Stopping)
 
 
 def run_stopped(settings: dict, run_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -495,13 +495,13 @@ def test_a_second_process_cannot_resume_a_folder_in_use(
 def test_a_new_run_holds_its_folder_lock_until_it_ends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """New runs lock their folder too: a resume cannot start on a run that is still going."""
-    import fedwa.apps.server_app as server
+    import fedwa.run.compose as compose
     from fedwa.common.errors import RunFolderBusyError
     from fedwa.callbacks.runlock import RunLock
 
     seen: list[object] = []
 
-    class Probing(server.Checkpointer):
+    class Probing(compose.Checkpointer):
         def __call__(self, server_round: int, arrays: object) -> None:
             if server_round == 1:
                 try:
@@ -511,7 +511,7 @@ def test_a_new_run_holds_its_folder_lock_until_it_ends(
                     seen.append(err)
             super().__call__(server_round, arrays)
 
-    monkeypatch.setattr(server, "Checkpointer", Probing)
+    monkeypatch.setattr(compose, "Checkpointer", Probing)
     run_dir = tmp_path / "run"
     settings = {**SMALL, "num-server-rounds": 2, "local-steps": 2, "output-dir": tmp_path,
                 "run-name": "run"}
@@ -627,3 +627,30 @@ def test_strategy_state_of_every_shape_round_trips_through_a_weights_only_load()
         return type(a) is type(b) and a == b
 
     assert same(state, back)
+
+
+@pytest.mark.parametrize("name", ["swa", "fedadam"])
+def test_a_checkpoint_written_by_the_flat_layout_resumes_exactly(tmp_path: Path,
+                                                                 name: str) -> None:
+    """Issue 19: these runs were stopped after round 3 of 3 (checkpoint of round 2) by fedwa
+    before its modules moved into layers (commit d51fd2b, ``fedwa/checkpoint.py``). The
+    checkpoint names no module path, so the moved code reads it, and the resumed run ends with
+    the metrics and model of a run made from scratch by the moved code."""
+    run_dir = tmp_path / name
+    shutil.copytree(REPO / "tests" / "data" / "old_layout_runs" / name, run_dir)
+    assert load_checkpoint(run_dir)["round"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+
+    assert cli_main(["run", "--quiet", "--resume", str(run_dir)]) == 0
+    saved = json.loads((run_dir / "config.json").read_text())
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    simulate(resolve_config({**{k: v for k, v in saved.items() if k != "resume"},
+                             "output-dir": str(tmp_path)}), whole, show_progress=False,
+             plot=False)
+    resumed = read_rounds(run_dir)
+    assert [r["round"] for r in resumed] == [0, 1, 2, 3]
+    assert comparable(resumed) == comparable(read_rounds(whole))
+    final = torch.load(run_dir / "model.pt", weights_only=True)
+    expected = torch.load(whole / "model.pt", weights_only=True)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)

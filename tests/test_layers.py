@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 #: Bottom to top (see fedwa/__init__.py). ``fedwa`` itself only holds the moved-module aliases.
 LAYERS = ("fedwa.common", "fedwa.models", "fedwa.core", "fedwa.data", "fedwa.flower",
-          "fedwa.callbacks", "strategies", "fedwa.run", "fedwa.apps", "fedwa.deploy", "fedwa.cli")
+          "strategies", "fedwa.callbacks", "fedwa.run", "fedwa.apps", "fedwa.deploy", "fedwa.cli")
 #: Usable, and tested, without Flower.
 NO_FLOWER = ("fedwa.common", "fedwa.core", "fedwa.models")
 

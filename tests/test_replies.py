@@ -23,7 +23,7 @@ from fedwa.common.errors import AllClientsFailedError, TooFewRepliesError, Untru
 from fedwa.flower.grid import FedwaGrid
 from fedwa.flower.replies import (count_problem, handshake_problem, held_out_problem,
                                   model_problem, moments_problem, screen)
-from fedwa.apps.server_app import recompute_bn_federated, values_per_example
+from fedwa.callbacks.evaluation import recompute_bn_federated, values_per_example
 from strategies import FedAvg
 from strategies.base import reply_problem
 
