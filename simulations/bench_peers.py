@@ -136,7 +136,7 @@ def load_npz(path: str) -> dict[str, Any]:
 
 
 def mlp_like_fedwa(num_inputs: int, hidden: int, num_classes: int):  # noqa: ANN201
-    """fedwa's ``mlp`` layers (fedwa/models/__init__.py: Flatten, 2 x Linear+ReLU, classifier), rebuilt
+    """fedwa's ``mlp`` layers (fedwa/models: Flatten, 2 x Linear+ReLU, classifier), rebuilt
     with torch only, so a peer's process imports nothing of fedwa; the names match its state
     dict, so the initial weights load as they are."""
     import torch

@@ -11,11 +11,12 @@ so Flower's own algorithms keep their math while gaining fedwa's guarantees.
 Two ways to run a strategy
 --------------------------
 fedwa's own ServerApp (``fedwa run``, ``flwr run .``) drives the hooks through
-:func:`fedwa.flower.rounds.run_rounds` and evaluates with :class:`fedwa.callbacks.evaluation.CentralEvaluator`;
-it never calls :meth:`FedwaStrategy.start`. A user's own ServerApp calls
-``strategy.start(grid=..., initial_arrays=..., num_rounds=..., evaluate_fn=...)`` as with any
-Flower strategy: :meth:`FedwaStrategy.start` runs Flower's round loop, hands ``evaluate_fn`` the
-strategy's main model (the first of :meth:`~FedwaStrategy.models_to_evaluate`: SWA's average,
+:func:`fedwa.flower.rounds.run_rounds` and evaluates with
+:class:`fedwa.callbacks.evaluation.CentralEvaluator`; it never calls
+:meth:`FedwaStrategy.start`. A user's own ServerApp calls ``strategy.start(grid=...,
+initial_arrays=..., num_rounds=..., evaluate_fn=...)`` as with any Flower strategy:
+:meth:`FedwaStrategy.start` runs Flower's round loop, hands ``evaluate_fn`` the strategy's
+main model (the first of :meth:`~FedwaStrategy.models_to_evaluate`: SWA's average,
 TWA's fitted point, ...) and returns it in the ``Result``. A strategy that needs its ClientApp
 to do more than Flower's quickstart client does (partial averaging, WSA, TWA-t's gradient
 rounds) says so in :meth:`~FedwaStrategy.protocol_hint` and stops with
@@ -155,8 +156,8 @@ class FedwaStrategy:
       the round's metrics and left out; so is a client that did not answer within
       ``round-timeout``; the round goes on with the others;
     - when fewer than ``min-available-clients`` replies are usable,
-      :class:`~fedwa.common.errors.TooFewRepliesError` stops the round (Flower's FedAvg would quietly
-      keep the old model); the round loop retries it ``round-retries`` times first;
+      :class:`~fedwa.common.errors.TooFewRepliesError` stops the round (Flower's FedAvg would
+      quietly keep the old model); the round loop retries it ``round-retries`` times first;
     - client sampling is seeded by run seed and round, with a private generator (the global
       `random` state is left alone);
     - the aggregate keeps the dtypes of the model that was sent;

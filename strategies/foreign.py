@@ -24,7 +24,8 @@
       strategy-args = "{noise_multiplier = 0.1, clipping_norm = 5.0, strategy = 'flwr.serverapp.strategy:FedMedian'}"
 
   Unknown or missing arguments, and a constructor that raises, are a
-  :class:`~fedwa.common.errors.ConfigError` naming the class and the argument, before any engine starts.
+  :class:`~fedwa.common.errors.ConfigError` naming the class and the argument, before any
+  engine starts.
 - **Checkpoints from attributes.** Flower's strategies have no ``state_dict``; their state is
   in plain attributes (FedAdam's moments, FedAvgM's momentum, the current arrays).
   :func:`attribute_state` saves every attribute the class set (not fedwa's) when it is data:

@@ -26,8 +26,8 @@ mean is unweighted), so a client's example count cannot move the model either.
 Each rule needs enough replies for its guarantee: Krum ``n >= 2f + 3``, Bulyan ``n >= 4f + 3``
 (``f`` = ``*-malicious``). The config is refused when the sampled clients are too few, and a
 round whose usable replies fall below the rule's minimum raises
-:class:`~fedwa.common.errors.TooFewRepliesError` (retried ``round-retries`` times) rather than keeping
-the old model quietly, which is what Flower's Bulyan does.
+:class:`~fedwa.common.errors.TooFewRepliesError` (retried ``round-retries`` times) rather than
+keeping the old model quietly, which is what Flower's Bulyan does.
 """
 
 from __future__ import annotations

@@ -187,3 +187,25 @@ def test_python_m_runs_a_moved_module_under_its_old_name() -> None:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "--seal-file" in out.stdout
+
+
+def test_a_plug_in_written_against_the_flat_layout_still_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's residual model with its own permutation spec (tests/plugins/my_residual.py),
+    as a user wrote it before the layers: ``from fedwa.alignment import SpecBuilder``. DIMAT's
+    checks build the model and look its spec up; the spec must be the moved module's own
+    class, or the lookup refuses it."""
+    source = (REPO / "tests" / "plugins" / "my_residual.py").read_text()
+    assert "from fedwa.core.alignment import SpecBuilder" in source
+    (tmp_path / "flat_residual.py").write_text(
+        source.replace("from fedwa.core.alignment import", "from fedwa.alignment import"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from fedwa.core.alignment import PermutationSpec, permutation_spec
+    from fedwa.run.compose import compose
+    from fedwa.run.config import resolve_config
+
+    parts = compose(resolve_config({"dataset": "digits", "model": "flat_residual:make_net",
+                                    "strategy": "dimat", "num-clients": 3,
+                                    "output-dir": str(tmp_path)}))
+    assert isinstance(permutation_spec(parts.model), PermutationSpec)
+    assert type(parts.model).__module__ == "flat_residual"

@@ -1,4 +1,5 @@
-"""The reply guard (fedwa.flower.replies) against crafted faulty replies, built as real Flower messages.
+"""The reply guard (fedwa.flower.replies) against crafted faulty replies, built as real Flower
+messages.
 
 Each test is one finding of issue #17 section 2: before the guard, the reply either crashed
 the run (a traceback from numpy, int() or a sort) or went into the model or the metrics.

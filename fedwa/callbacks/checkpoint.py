@@ -106,7 +106,8 @@ def checkpoint_bytes(payload: Mapping[str, Any]) -> bytes:
     """``payload`` serialised as a checkpoint file's contents: plain data only.
 
     Raises :class:`~fedwa.common.errors.UnsavableStateError` when it holds something else (see
-    :func:`fedwa.callbacks.safe_state.to_plain`), rather than writing a file no safe load reads back.
+    :func:`fedwa.callbacks.safe_state.to_plain`), rather than writing a file no safe load
+    reads back.
     """
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **to_plain(dict(payload), "checkpoint")}, buffer)

@@ -29,8 +29,8 @@ from fedwa.core.training import round_lr
 from fedwa.data.task import make_plain_model, shot_options
 from fedwa.flower.arrays import to_state_dict
 from fedwa.flower.grid import FedwaGrid
-from fedwa.flower.replies import (held_out_problem, model_problem, moments_problem, rejection_detail,
-                                  screen)
+from fedwa.flower.replies import (held_out_problem, model_problem, moments_problem,
+                                  rejection_detail, screen)
 from strategies.base import example_weighted
 
 log = logging.getLogger("fedwa")

@@ -40,8 +40,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from fedwa.common.errors import UnsavableStateError
 # Re-exported: the loading half lived here before the layers were split (fedwa.safe_state).
-from fedwa.common.safe_load import (UnsafeFileError, globals_named, legacy_numpy_names,  # noqa: F401
-                                    load_data, one_line)
+from fedwa.common.safe_load import (UnsafeFileError, globals_named,  # noqa: F401
+                                    legacy_numpy_names, load_data, one_line)
 
 #: Tags of the converted values (keys no state dict of fedwa's or Flower's uses).
 NDARRAY_TAG = "__fedwa_ndarray__"

@@ -27,7 +27,8 @@ import torch
 
 from fedwa.common.errors import ConfigError, DataNotFoundError, FedwaError
 from fedwa.data.node import check_examples, read_npz
-from fedwa.common.plugins import accepts, has_parameter, is_import_path, load_callable, signature_text
+from fedwa.common.plugins import (accepts, has_parameter, is_import_path, load_callable,
+                                  signature_text)
 
 DATASET_NAMES = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic", "npz")
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from fedwa.common.errors import ConfigError
-from fedwa.common.plugins import accepts, has_parameter, is_import_path, load_callable, signature_text
+from fedwa.common.plugins import (accepts, has_parameter, is_import_path, load_callable,
+                                  signature_text)
 
 MODEL_NAMES = ("mlp", "cnn", "resnet20", "resnet32")
 

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fedwa.common.errors import ConfigError
-
-from fedwa.common.keys import (INT_MAX, INT_MIN, SEED_MAX, Check, Key, Scalar, at_least,  # noqa: F401
-                               closed_fraction, half_open_fraction, positive, seed_range,
-                               unit_fraction)
+from fedwa.common.keys import (INT_MAX, INT_MIN, SEED_MAX, Check, Key, Scalar,  # noqa: F401
+                               at_least, closed_fraction, half_open_fraction, positive,
+                               seed_range, unit_fraction)
 
 #: Longest run folder name, in UTF-8 bytes: file systems allow 255, and fedwa appends "-N"
 #: to a taken name and writes ".NAME.tmp" files beside its own.
@@ -51,8 +50,8 @@ def folder_name(value: str) -> str | None:
 # Names are listed here rather than imported, so reading the config never imports torch.
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic", "npz")
 MODELS = ("mlp", "cnn", "resnet20", "resnet32")
-# The shape of an import path `module:function` (as fedwa.common.plugins.IMPORT_PATH). Only the shape
-# is checked here; the plug-in is imported and called once the run's data is loaded
+# The shape of an import path `module:function` (as fedwa.common.plugins.IMPORT_PATH). Only
+# the shape is checked here; the plug-in is imported and called once the run's data is loaded
 # (fedwa.cli.check_runnable), where its errors name the same key.
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
