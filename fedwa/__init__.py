@@ -95,5 +95,8 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         return importlib.machinery.ModuleSpec(fullname, _MovedModuleLoader(new_name))
 
 
-if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-    sys.meta_path.append(_MovedModuleFinder())
+# Last on the path: a module really at an old path (an app bundle of an older fedwa) wins. One
+# finder only, this copy's: a re-imported fedwa (the ClientApp worker loads each app bundle's
+# own) replaces the previous copy's finder and table.
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != _MovedModuleFinder.__name__]
+sys.meta_path.append(_MovedModuleFinder())

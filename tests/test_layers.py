@@ -209,3 +209,19 @@ def test_a_plug_in_written_against_the_flat_layout_still_runs(
                                     "output-dir": str(tmp_path)}))
     assert isinstance(permutation_spec(parts.model), PermutationSpec)
     assert type(parts.model).__module__ == "flat_residual"
+
+
+def test_a_reimported_fedwa_keeps_one_alias_finder() -> None:
+    """The ClientApp worker drops fedwa from sys.modules and imports an app bundle's copy."""
+    code = ("import sys, importlib\n"
+            "import fedwa\n"
+            "for m in [m for m in sys.modules if m.split('.')[0] == 'fedwa']: del sys.modules[m]\n"
+            "import fedwa\n"
+            "finders = [f for f in sys.meta_path if type(f).__name__ == '_MovedModuleFinder']\n"
+            "import fedwa.keys, fedwa.common.keys\n"
+            "print(len(finders), type(finders[0]).find_spec.__globals__ is vars(fedwa),"
+            " fedwa.keys is fedwa.common.keys, sys.meta_path[-1] is finders[0])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "True", "True", "True"]

@@ -1,5 +1,5 @@
 """``python -m fedwa.deploy``: see :mod:`fedwa.deploy.cli`."""
 
-from fedwa.deploy.launcher import main
+from fedwa.deploy.cli import main
 
 raise SystemExit(main())
