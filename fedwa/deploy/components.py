@@ -74,7 +74,8 @@ def start_superlink(port: int, log_path: Path, env: Mapping[str, str],
 def start_serverapp_executor(superlink_address: str, log_path: Path, env: Mapping[str, str],
                              credentials: Credentials | None, secret: Path,
                              token_dir: Path) -> Managed:
-    """Start :mod:`fedwa.deploy.serverapp_executor` for a SuperLink started with ``superexec_secret``."""
+    """Start :mod:`fedwa.deploy.serverapp_executor` for a SuperLink started with
+    ``superexec_secret``."""
     argv = [sys.executable, "-m", "fedwa.deploy.serverapp_executor", "--runtime-api-address",
             superlink_address, "--superexec-auth-secret-file", str(secret),
             "--token-dir", str(token_dir)]

@@ -118,7 +118,8 @@ class OperatorOnly:
             if reason is not None:
                 self.refused += 1
                 self.log(f"fedwa.deploy.linkguard: refused: {reason}")
-                body = json.dumps({"detail": f"refused by fedwa.deploy.linkguard: {reason}"}).encode()
+                detail = f"refused by fedwa.deploy.linkguard: {reason}"
+                body = json.dumps({"detail": detail}).encode()
                 await send({"type": "http.response.start", "status": 403,
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(body)).encode())]})
