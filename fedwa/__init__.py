@@ -23,7 +23,7 @@ The package is in layers, each importing only from the ones before it (``tests/t
 ``deploy``, ``cli``
     the Deployment Engine launcher and the command line.
 
-Modules lived in one flat folder before 0.2: ``fedwa.averaging`` is now
+Modules lived in one flat folder before the layers (issue 19): ``fedwa.averaging`` is now
 ``fedwa.core.averaging``, and so on (:data:`MOVED`). The old paths still import, as the very
 same module objects, so plug-ins, scripts, ``python -m fedwa.linkguard`` and app components such
 as ``fedwa.server_app:app`` written against them keep working.
