@@ -40,6 +40,12 @@ from types import CodeType, ModuleType
 
 __version__ = "0.1.0"
 
+#: The layers above, bottom to top: a module imports only its own layer and those before it
+#: (``tests/test_layers.py``, ``simulations/trace_layers.py``).
+LAYERS: tuple[str, ...] = ("fedwa.common", "fedwa.models", "fedwa.core", "fedwa.data",
+                           "fedwa.flower", "strategies", "fedwa.callbacks", "fedwa.run",
+                           "fedwa.apps", "fedwa.deploy", "fedwa.cli")
+
 #: Old flat module path -> where the module lives now.
 MOVED: dict[str, str] = {
     f"fedwa.{old}": f"fedwa.{new}" for old, new in (

@@ -388,8 +388,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plan = [(s, seed, resolve_config(for_strategy(overrides, s, seed)))
             for s in strategies for seed in seeds]
     set_log_levels(getattr(args, "verbose", False))
-    for _, _, config in plan[:: len(seeds)]:
-        check_runnable(config)
+    # The first seed of each strategy is checked, and runs on the parts its check composed.
+    checked = {i: check_runnable(plan[i][2]) for i in range(0, len(plan), len(seeds))}
     out = unique_dir(plan[0][2]["output-dir"], args.name or
                      time.strftime("compare-%Y%m%d-%H%M%S"))
     groups: dict[str, list[Path]] = {s: [] for s in strategies}
@@ -398,7 +398,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         label = f"[{i}/{len(plan)}] {strategy} seed {seed}"
         try:
             simulate(config, run_dir, show_progress=not args.quiet, label=label,
-                     verbose=args.verbose)
+                     verbose=args.verbose, parts=checked.pop(i - 1, None))
         except BaseException:
             # Folders a failed run left empty go, and the comparison's if nothing is left.
             if remove_if_empty(run_dir):

@@ -24,31 +24,28 @@ from types import FrameType
 from typing import Any
 
 HERE = Path(__file__).resolve().parents[1]
-LAYERS = ("fedwa.common", "fedwa.models", "fedwa.core", "fedwa.data", "fedwa.flower",
-          "strategies", "fedwa.callbacks", "fedwa.run", "fedwa.apps", "fedwa.deploy", "fedwa.cli")
 SERVER_APP = "fedwa.apps.server_app"
 
 
-def moved_table() -> dict[str, str]:
-    """``fedwa.MOVED`` of the code under test, else this checkout's (code from before it)."""
+def layer_tables() -> tuple[tuple[str, ...], dict[str, str]]:
+    """``fedwa.LAYERS`` and ``fedwa.MOVED`` of the code under test, else this checkout's (code
+    from before the layers has neither)."""
     import fedwa
 
-    table = getattr(fedwa, "MOVED", None)
-    if table is not None:
-        return dict(table)
-    sys.path.insert(0, str(HERE))
+    if hasattr(fedwa, "MOVED"):
+        return tuple(fedwa.LAYERS), dict(fedwa.MOVED)
     namespace: dict[str, Any] = {}
     source = (HERE / "fedwa" / "__init__.py").read_text()
     exec(source.split("class _MovedModuleLoader")[0], namespace)  # noqa: S102 - our own file
-    return dict(namespace["MOVED"])
+    return tuple(namespace["LAYERS"]), dict(namespace["MOVED"])
 
 
 def main() -> None:
-    moved = moved_table()
+    layers, moved = layer_tables()
 
     def layer(module: str) -> int | None:
         module = moved.get(module, module)
-        for index, name in enumerate(LAYERS):
+        for index, name in enumerate(layers):
             if module == name or module.startswith(name + "."):
                 return index
         return None

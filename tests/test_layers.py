@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from fedwa import LAYERS  # bottom to top; fedwa itself holds only this list and the aliases
+
 REPO = Path(__file__).resolve().parents[1]
-#: Bottom to top (see fedwa/__init__.py). ``fedwa`` itself only holds the moved-module aliases.
-LAYERS = ("fedwa.common", "fedwa.models", "fedwa.core", "fedwa.data", "fedwa.flower",
-          "strategies", "fedwa.callbacks", "fedwa.run", "fedwa.apps", "fedwa.deploy", "fedwa.cli")
 #: Usable, and tested, without Flower.
 NO_FLOWER = ("fedwa.common", "fedwa.core", "fedwa.models")
 
